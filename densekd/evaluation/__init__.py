@@ -1,0 +1,31 @@
+"""Evaluation: COCO / LVIS-style metrics for detectors and instance segmenters.
+
+Stands apart from the rest of densekd (imports nothing from it), so it can score any model.
+"""
+
+from densekd.evaluation.coco_metrics import (
+    BACKENDS,
+    COCO_METRIC_NAMES,
+    IOU_TYPES,
+    LVIS_FREQUENCIES,
+    LVIS_METRIC_NAMES,
+    evaluate_coco,
+    evaluate_lvis_style,
+    format_metrics_table,
+    frequency_group_ap,
+)
+from densekd.evaluation.detections import save_results, to_coco_results
+
+__all__ = [
+    "BACKENDS",
+    "COCO_METRIC_NAMES",
+    "IOU_TYPES",
+    "LVIS_FREQUENCIES",
+    "LVIS_METRIC_NAMES",
+    "evaluate_coco",
+    "evaluate_lvis_style",
+    "format_metrics_table",
+    "frequency_group_ap",
+    "save_results",
+    "to_coco_results",
+]

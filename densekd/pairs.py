@@ -1,0 +1,349 @@
+"""Turn one step's recorded outputs into the tensor pairs each loss compares.
+
+A :class:`StepContext` holds the student's and the teachers' outputs for one batch and
+computes, once per step and only on demand, what several terms share: RoI labels and
+regression targets, anchor matches, foreground masks per feature level, fused
+multi-teacher logits. :func:`term_loss` then calls one term's loss on its pair.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapters.detection import DetectorAdapter, decode_boxes, encode_boxes
+from .outputs import DenseOutputs
+from .terms import Term
+from .weighting import softmax_class_weights
+
+# Relation terms compare (HW x HW) affinities; pooling the grid to at most this side keeps
+# that cost bounded on large images (a 200 x 200 level would need a 40000^2 matrix).
+RELATION_MAX_SIDE = 24
+# Decoded teacher boxes narrower than this (pixels) are left out of GIoU terms.
+MIN_BOX_SIDE = 1.0
+
+
+def fuse_teacher_logits(logits: list[Tensor], weights: list[float], temperature: Tensor | float, sigmoid: bool) -> Tensor:
+    """Average the teachers' probabilities at temperature T and return the logits whose
+    tempered probabilities are that average, so every logit loss works unchanged.
+
+    softmax: z = T * log(sum_i w_i softmax(z_i / T)); sigmoid: z = T * logit(sum_i w_i sigmoid(z_i / T)).
+    """
+    if len(logits) == 1:
+        return logits[0]
+    if sigmoid:
+        probs = sum(w * torch.sigmoid(z / temperature) for w, z in zip(weights, logits))
+        return torch.logit(probs, eps=1e-6) * temperature
+    probs = sum(w * torch.softmax(z / temperature, dim=-1) for w, z in zip(weights, logits))
+    return torch.log(probs.clamp_min(1e-12)) * temperature
+
+
+def _level_masks(boxes: list[Tensor], box_weights: list[Tensor], batch_shape: tuple[int, int], level_shape) -> Tensor:
+    """(N, 1, H_l, W_l) foreground map: each cell holds the largest weight of the GT boxes
+    covering its centre (0 for background), boxes given in the padded batch frame."""
+    height, width = level_shape
+    device = boxes[0].device if boxes else torch.device("cpu")
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * (batch_shape[0] / height)
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * (batch_shape[1] / width)
+    masks = []
+    for image_boxes, weights in zip(boxes, box_weights):
+        if image_boxes.numel() == 0:
+            masks.append(torch.zeros(height, width, device=device))
+            continue
+        x1, y1, x2, y2 = image_boxes.unbind(-1)  # each (G,)
+        inside_y = (ys[None, :] >= y1[:, None]) & (ys[None, :] <= y2[:, None])  # (G, H)
+        inside_x = (xs[None, :] >= x1[:, None]) & (xs[None, :] <= x2[:, None])  # (G, W)
+        inside = inside_y[:, :, None] & inside_x[:, None, :]  # (G, H, W)
+        weighted = inside.float() * weights[:, None, None]
+        masks.append(weighted.amax(dim=0))
+    return torch.stack(masks)[:, None]  # (N, H, W) -> (N, 1, H, W)
+
+
+class StepContext:
+    """Everything one training step knows, with shared derived tensors cached."""
+
+    def __init__(
+        self,
+        student: DenseOutputs,
+        teachers: list[DenseOutputs],
+        teacher_weights: list[float],
+        student_adapter: DetectorAdapter,
+        connectors: nn.ModuleDict,
+        level_pairs: dict[str, list[list[tuple[str, str]]]],
+        iteration: int,
+    ):
+        self.student = student
+        self.teachers = teachers
+        self.teacher_weights = teacher_weights
+        self.adapter = student_adapter
+        self.connectors = connectors
+        self.level_pairs = level_pairs
+        self.iteration = iteration
+
+    # --- shared, computed once per step ------------------------------------------------
+    @cached_property
+    def roi_assignment(self) -> tuple[Tensor, Tensor]:
+        """(R,) label of every sampled RoI (0 = background) and (R, 4) its matched GT box."""
+        return self._assign(self.student.roi_proposals)
+
+    @cached_property
+    def mask_labels(self) -> Tensor:
+        """(P,) label of every positive RoI the mask head saw."""
+        return self._assign(self.student.mask_proposals)[0]
+
+    def _assign(self, proposals: list[Tensor]) -> tuple[Tensor, Tensor]:
+        matched_idxs, labels = self.adapter.assign_rois(proposals, self.student.gt_boxes, self.student.gt_labels)
+        matched_boxes = [
+            gt[idx.clamp(min=0)] if gt.numel() else torch.zeros_like(p)
+            for gt, idx, p in zip(self.student.gt_boxes, matched_idxs, proposals)
+        ]
+        return torch.cat(labels), torch.cat(matched_boxes)
+
+    @cached_property
+    def dense_teacher_confidence(self) -> Tensor:
+        """(N, HWA) the teachers' top class probability per anchor (one-stage heads)."""
+        fused = self.fused_teacher("cls_logits", 1.0, sigmoid=True)
+        return torch.sigmoid(fused).amax(dim=-1)
+
+    def anchor_matches(self, output_name: str) -> Tensor:
+        """(N * HWA,) matched GT index per anchor of the student (negative: unmatched)."""
+        key = f"_matches_{output_name}"
+        if key not in self.__dict__:
+            matches = self.adapter.match_anchors(output_name, self.student.anchors, self.student.gt_boxes)
+            self.__dict__[key] = torch.cat(matches)
+        return self.__dict__[key]
+
+    def foreground(self, level_shape: tuple[int, int], class_weights: Optional[Tensor]) -> Tensor:
+        """(N, 1, H, W) GT-box map for one feature level, weighted per box by class."""
+        key = (tuple(level_shape), None if class_weights is None else id(class_weights))
+        cache = self.__dict__.setdefault("_foreground", {})
+        if key not in cache:
+            weights = [
+                torch.ones_like(labels, dtype=torch.float32)
+                if class_weights is None
+                else class_weights.to(labels.device)[labels - 1]
+                for labels in self.student.gt_labels
+            ]
+            cache[key] = _level_masks(self.student.gt_boxes, weights, self.student.batch_shape, level_shape)
+        return cache[key]
+
+    def fused_teacher(self, output_name: str, temperature, sigmoid: bool) -> Tensor:
+        values = [getattr(t, output_name) for t in self.teachers]
+        return fuse_teacher_logits(values, self.teacher_weights, temperature, sigmoid)
+
+    def averaged_teacher(self, output_name: str) -> Tensor:
+        """Teachers' weighted mean of a regression output (box deltas)."""
+        values = [getattr(t, output_name) for t in self.teachers]
+        if len(values) == 1:
+            return values[0]
+        return sum(w * v for w, v in zip(self.teacher_weights, values))
+
+
+# --- one function per kind of output --------------------------------------------------
+def _temperature(term: Term, ctx: StepContext) -> float:
+    return float(term.temperature_at(ctx.iteration))
+
+
+def _sigmoid_logits(term: Term, ctx: StepContext) -> Tensor:
+    base_t = _temperature(term, ctx)
+    class_t = term.class_temperatures(base_t)
+    student = getattr(ctx.student, term.on)
+    if term.on == "mask_logits":
+        return _mask_logits(term, ctx, base_t, class_t)
+    temperature = base_t if class_t is None or term.on != "cls_logits" else class_t.to(student.device)
+    teacher = ctx.fused_teacher(term.on, temperature, sigmoid=True)
+    weights = torch.ones_like(student[..., :1] if term.on == "cls_logits" else student)
+    if term.confidence_weighting:
+        if term.on == "rpn_objectness":
+            confidence = torch.sigmoid(teacher)
+        else:
+            confidence = ctx.dense_teacher_confidence
+        weights = weights * (confidence[..., None] if term.on == "cls_logits" else confidence)
+    if term.class_weights is not None and term.on == "cls_logits":
+        weights = weights * term.class_weights.to(student.device)  # (N, HWA, 1) * (K,)
+    elif term.class_weights is not None:  # centerness: weight of the teacher's top class
+        top_class = ctx.fused_teacher("cls_logits", 1.0, sigmoid=True).argmax(dim=-1)
+        weights = weights * term.class_weights.to(student.device)[top_class]
+    return term.loss_fn(student, teacher, temperature=temperature, weights=weights, **term.params)
+
+
+def _mask_logits(term: Term, ctx: StepContext, base_t: float, class_t: Optional[Tensor]) -> Tensor:
+    if ctx.student.mask_logits is None:
+        raise RuntimeError("mask_logits were not recorded: mask terms need a Mask R-CNN student in training mode.")
+    labels = ctx.mask_labels  # (P,)
+    rows = torch.arange(labels.numel(), device=labels.device)
+    student = ctx.student.mask_logits[rows, labels]  # (P, K + 1, M, M) -> (P, M, M) at each RoI's label
+    temperature: Tensor | float = base_t
+    if class_t is not None:
+        temperature = class_t.to(labels.device)[labels - 1][:, None, None]  # (P, 1, 1)
+    teacher = fuse_teacher_logits(
+        [t.mask_logits[rows, labels] for t in ctx.teachers], ctx.teacher_weights, temperature, sigmoid=True
+    )
+    weights = torch.ones_like(student)
+    if term.class_weights is not None:
+        weights = weights * term.class_weights.to(student.device)[labels - 1][:, None, None]
+    return term.loss_fn(student, teacher, temperature=temperature, weights=weights, **term.params)
+
+
+def _softmax_logits(term: Term, ctx: StepContext) -> Tensor:
+    base_t = _temperature(term, ctx)
+    class_t = term.class_temperatures(base_t)
+    labels, _ = ctx.roi_assignment  # (R,)
+    student = ctx.student.roi_class_logits  # (R, K + 1)
+    temperature: Tensor | float = base_t
+    if class_t is not None:  # background RoIs keep the base temperature
+        temperature = torch.cat([class_t.new_tensor([base_t]), class_t]).to(student.device)[labels]  # (R,)
+    teacher = ctx.fused_teacher("roi_class_logits", temperature if class_t is None else temperature[:, None], False)
+    weights = torch.ones(labels.shape, device=student.device)
+    if term.class_weights is not None:
+        weights = weights * softmax_class_weights(term.class_weights).to(student.device)[labels]
+    if term.confidence_weighting:
+        weights = weights * torch.softmax(teacher, dim=-1).amax(dim=-1)
+    kwargs = dict(term.params, weights=weights)
+    if "temperature" in term._loss_arguments():
+        kwargs["temperature"] = temperature
+    if term.loss == "dkd":
+        kwargs["target"] = labels
+    return term.loss_fn(student, teacher, **kwargs)
+
+
+def _boxes(term: Term, ctx: StepContext) -> Tensor:
+    student_deltas = getattr(ctx.student, term.on)
+    teacher_deltas = ctx.averaged_teacher(term.on)
+    if term.on == "roi_box_regression":
+        student_deltas, teacher_deltas, references, weights, targets = _roi_box_pairs(term, ctx, student_deltas, teacher_deltas)
+    else:
+        student_deltas, teacher_deltas, references, weights, targets = _anchor_box_pairs(term, ctx, student_deltas, teacher_deltas)
+    if term.loss == "giou":
+        coder = ctx.adapter.box_coder_for(term.on)
+        student_boxes = decode_boxes(coder, student_deltas, references)
+        teacher_boxes = decode_boxes(coder, teacher_deltas, references)
+        # A teacher box under a pixel wide (FCOS predicts ltrb >= 0, often ~0 early on) defines
+        # no overlap worth imitating, and GIoU of two identical empty boxes is 1, not 0.
+        sides = teacher_boxes[:, 2:] - teacher_boxes[:, :2]  # (M, 2) widths and heights
+        has_extent = (sides >= MIN_BOX_SIDE).all(dim=1)
+        return term.loss_fn(student_boxes, teacher_boxes, weights=weights * has_extent, **term.params)
+    if term.loss == "teacher_bounded":
+        return term.loss_fn(student_deltas, teacher_deltas, targets(), weights=weights, **term.params)
+    return term.loss_fn(student_deltas, teacher_deltas, weights=weights, **term.params)
+
+
+def _roi_box_pairs(term: Term, ctx: StepContext, student_deltas: Tensor, teacher_deltas: Tensor):
+    """Class-specific deltas of the foreground RoIs, each taken at its matched GT label."""
+    labels, matched_boxes = ctx.roi_assignment
+    foreground = torch.where(labels > 0)[0]
+    fg_labels = labels[foreground]
+    # (R, (K + 1) * 4) -> (R, K + 1, 4) -> (F, 4) at each RoI's label
+    student = student_deltas.reshape(student_deltas.shape[0], -1, 4)[foreground, fg_labels]
+    teacher = teacher_deltas.reshape(teacher_deltas.shape[0], -1, 4)[foreground, fg_labels]
+    proposals = torch.cat(ctx.student.roi_proposals)[foreground]
+    weights = torch.ones(foreground.shape, device=student.device)
+    if term.class_weights is not None:
+        weights = weights * term.class_weights.to(student.device)[fg_labels - 1]
+    if term.confidence_weighting:
+        teacher_logits = ctx.fused_teacher("roi_class_logits", 1.0, sigmoid=False)[foreground]
+        weights = weights * torch.softmax(teacher_logits, dim=-1).gather(1, fg_labels[:, None]).squeeze(1)
+
+    def targets() -> Tensor:
+        coder = ctx.adapter.box_coder_for(term.on)
+        return encode_boxes(coder, matched_boxes[foreground], proposals)
+
+    return student, teacher, proposals, weights, targets
+
+
+def _anchor_box_pairs(term: Term, ctx: StepContext, student_deltas: Tensor, teacher_deltas: Tensor):
+    """Per-anchor deltas, flattened over the batch: (N, HWA, 4) -> (N * HWA, 4)."""
+    student = student_deltas.reshape(-1, 4)
+    teacher = teacher_deltas.reshape(-1, 4)
+    anchors = torch.cat(ctx.student.anchors)  # (N * HWA, 4)
+    weights = torch.ones(student.shape[0], device=student.device)
+    if term.confidence_weighting and term.loss != "teacher_bounded":
+        if term.on == "rpn_box_regression":
+            weights = torch.sigmoid(ctx.fused_teacher("rpn_objectness", 1.0, sigmoid=True)).reshape(-1)
+        else:
+            weights = ctx.dense_teacher_confidence.reshape(-1)
+    if term.class_weights is not None:
+        top_class = ctx.fused_teacher("cls_logits", 1.0, sigmoid=True).argmax(dim=-1).reshape(-1)
+        weights = weights * term.class_weights.to(student.device)[top_class]
+
+    def targets() -> Tensor:
+        # Teacher-bounded regression is defined on positive anchors only (Chen et al. 2017).
+        matches = ctx.anchor_matches(term.on)
+        weights.mul_((matches >= 0).to(weights.dtype))
+        gt = torch.cat([boxes[m.clamp(min=0)] if boxes.numel() else torch.zeros_like(a)
+                        for boxes, m, a in zip(ctx.student.gt_boxes, matches.split([len(a) for a in ctx.student.anchors]), ctx.student.anchors)])
+        return encode_boxes(ctx.adapter.box_coder_for(term.on), gt, anchors)
+
+    return student, teacher, anchors, weights, targets
+
+
+def _features(term: Term, ctx: StepContext) -> Tensor:
+    """Mean over the term's levels of the loss, weighted mean over teachers."""
+    total = 0.0
+    for teacher_index, (teacher, teacher_weight) in enumerate(zip(ctx.teachers, ctx.teacher_weights)):
+        level_losses = []
+        for student_level, teacher_level in ctx.level_pairs[term.name][teacher_index]:
+            teacher_map = teacher.features[teacher_level]
+            connector = ctx.connectors[connector_key(term, teacher_index, student_level)]
+            student_map = connector(ctx.student.features[student_level], teacher_map.shape[-2:])
+            level_losses.append(_feature_loss(term, ctx, student_map, teacher_map))
+        total = total + teacher_weight * torch.stack(level_losses).mean()
+    return total
+
+
+def _feature_loss(term: Term, ctx: StepContext, student_map: Tensor, teacher_map: Tensor) -> Tensor:
+    if term.loss == "masked_imitation":
+        foreground = ctx.foreground(tuple(teacher_map.shape[-2:]), term.class_weights)
+        return term.loss_fn(student_map, teacher_map, foreground, **term.params)
+    if term.loss == "relation":
+        side = (min(RELATION_MAX_SIDE, teacher_map.shape[-2]), min(RELATION_MAX_SIDE, teacher_map.shape[-1]))
+        return term.loss_fn(F.adaptive_avg_pool2d(student_map, side), F.adaptive_avg_pool2d(teacher_map, side))
+    if term.loss == "cwd" and term.temperature is not None:
+        return term.loss_fn(student_map, teacher_map, temperature=_temperature(term, ctx), **term.params)
+    return term.loss_fn(student_map, teacher_map, **term.params)
+
+
+def _roi_features(term: Term, ctx: StepContext) -> Tensor:
+    return sum(
+        w * term.loss_fn(ctx.student.roi_features, t.roi_features, **term.params)
+        for w, t in zip(ctx.teacher_weights, ctx.teachers)
+    )
+
+
+def connector_key(term: Term, teacher_index: int, student_level: str) -> str:
+    return f"{term.name}__teacher{teacher_index}__{student_level}"
+
+
+_BY_OUTPUT: dict[str, Callable[[Term, StepContext], Tensor]] = {
+    "features": _features,
+    "cls_logits": _sigmoid_logits,
+    "centerness": _sigmoid_logits,
+    "rpn_objectness": _sigmoid_logits,
+    "mask_logits": _sigmoid_logits,
+    "roi_class_logits": _softmax_logits,
+    "box_regression": _boxes,
+    "rpn_box_regression": _boxes,
+    "roi_box_regression": _boxes,
+    "roi_features": _roi_features,
+}
+
+
+def term_loss(term: Term, ctx: StepContext) -> Tensor:
+    """The unweighted value of one term on this step's outputs."""
+    return _BY_OUTPUT[term.on](term, ctx)
+
+
+def teacher_needs(term: Term) -> set[str]:
+    """Outputs a teacher must compute for this term: its own output plus the scores that
+    weight it (they come out of the same head call, so they cost nothing extra)."""
+    needs = {term.on}
+    if term.on in {"box_regression", "centerness"}:
+        needs.add("cls_logits")
+    elif term.on == "rpn_box_regression":
+        needs.add("rpn_objectness")
+    elif term.on == "roi_box_regression":
+        needs.add("roi_class_logits")
+    return needs

@@ -1,0 +1,398 @@
+"""Per-class weights that protect rare categories in long-tailed data.
+
+Everything here turns dataset statistics (how many training images / annotations
+each class has) into small tensors that the distiller multiplies into its terms:
+
+* :func:`class_weights` -- one weight per foreground class, shape ``(K,)``, mean 1.
+* :func:`softmax_class_weights` -- the same for softmax RoI heads, shape ``(K + 1,)``
+  with background at index 0.
+* :func:`per_class_temperature` -- a KD temperature per class, warmer for rare classes.
+* :func:`repeat_factors` -- LVIS repeat-factor sampling weights, one per image.
+* :func:`lvis_frequency_groups` -- LVIS rare / common / frequent split.
+
+Class indexing: every ``(K,)`` tensor here is indexed by *foreground* class
+``0 .. K-1``.  torchvision detection targets number foreground classes ``1 .. K``
+(0 is background); for those, class ``c`` lives at index ``c - 1`` of a ``(K,)``
+tensor and at index ``c`` of the ``(K + 1,)`` tensor from
+:func:`softmax_class_weights`.  The label helpers take ``first_label=1`` for them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FREQUENCY_THRESHOLDS",
+    "DEFAULT_GROUP_MULTIPLIERS",
+    "WEIGHTING_METHODS",
+    "lvis_frequency_groups",
+    "class_weights",
+    "softmax_class_weights",
+    "per_class_temperature",
+    "class_counts_from_labels",
+    "repeat_factors",
+]
+
+# LVIS (Gupta et al. 2019, "LVIS: A Dataset for Large Vocabulary Instance
+# Segmentation"): rare <= 10 training images, common 11..100, frequent > 100.
+FREQUENCY_THRESHOLDS: Tuple[int, int] = (10, 100)
+
+DEFAULT_GROUP_MULTIPLIERS: Mapping[str, float] = {"r": 3.0, "c": 1.5, "f": 1.0}
+
+
+def _unknown_name_message(what: str, name: object, valid: Sequence[str]) -> str:
+    msg = f"unknown {what} {name!r}; valid names: {', '.join(sorted(valid))}"
+    close = difflib.get_close_matches(str(name), list(valid), n=1)
+    if close:
+        msg += f". Did you mean {close[0]!r}?"
+    return msg
+
+
+def _as_counts(counts, name: str) -> Tensor:
+    """Validate a count vector and return it as a float64 tensor of shape (K,)."""
+    t = torch.as_tensor(counts).detach().to(device="cpu", dtype=torch.float64)
+    if t.dim() != 1 or t.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence (one count per class), got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or inf; counts must be finite non-negative numbers")
+    if (t < 0).any():
+        bad = torch.nonzero(t < 0).flatten().tolist()[:5]
+        raise ValueError(f"{name} must be non-negative; negative counts at class indices {bad}")
+    return t
+
+
+def _fill_zero_counts(n: Tensor, name: str) -> Tensor:
+    """Replace zero counts by the smallest non-zero count (so they get the rarest class's weight)."""
+    nonzero = n[n > 0]
+    if nonzero.numel() == 0:
+        raise ValueError(
+            f"all {name} are zero: no class has any training examples, so no weights can be derived. "
+            "Check that the dataset is non-empty and that its labels map onto the model's classes "
+            "(or use method='none')"
+        )
+    return torch.where(n > 0, n, nonzero.min())
+
+
+# ---------------------------------------------------------------------------
+# LVIS frequency groups
+# ---------------------------------------------------------------------------
+
+
+def lvis_frequency_groups(image_counts: Sequence[int]) -> list:
+    """LVIS frequency group of each class from its number of training *images*.
+
+    Returns one of ``'r'`` (rare, <= 10 images; includes classes with 0 images),
+    ``'c'`` (common, 11..100) or ``'f'`` (frequent, > 100) per class, as defined in
+    Gupta et al. 2019, "LVIS: A Dataset for Large Vocabulary Instance Segmentation".
+    Thresholds are :data:`FREQUENCY_THRESHOLDS`.
+    """
+    n = _as_counts(image_counts, "image_counts")
+    rare_max, common_max = FREQUENCY_THRESHOLDS
+    return ["r" if c <= rare_max else "c" if c <= common_max else "f" for c in n.tolist()]
+
+
+# ---------------------------------------------------------------------------
+# Class weights
+# ---------------------------------------------------------------------------
+# Every method has the signature ``fn(n, beta, multipliers) -> raw weights``:
+#   n           (K,) float64, strictly positive counts (zeros already filled)
+#   beta        effective-number beta, in [0, 1)
+#   multipliers {'r','c','f'} -> multiplier, for "lvis_groups"
+# and returns unnormalized positive weights of shape (K,).
+
+
+def _none(n: Tensor, beta: float, multipliers: Mapping[str, float]) -> Tensor:
+    return torch.ones_like(n)
+
+
+def _inverse(n: Tensor, beta: float, multipliers: Mapping[str, float]) -> Tensor:
+    return 1.0 / n
+
+
+def _sqrt_inverse(n: Tensor, beta: float, multipliers: Mapping[str, float]) -> Tensor:
+    return 1.0 / torch.sqrt(n)
+
+
+def _effective_number(n: Tensor, beta: float, multipliers: Mapping[str, float]) -> Tensor:
+    # Cui et al. 2019: w = (1 - beta) / (1 - beta^n).  1 - beta^n is computed as
+    # -expm1(n log beta) so beta close to 1 keeps full precision.
+    if beta == 0.0:
+        return torch.ones_like(n)  # beta^n = 0 for n > 0
+    return (1.0 - beta) / (-torch.expm1(n * math.log(beta)))
+
+
+def _lvis_groups(n: Tensor, beta: float, multipliers: Mapping[str, float]) -> Tensor:
+    groups = lvis_frequency_groups(n)
+    return torch.tensor([multipliers[g] for g in groups], dtype=torch.float64)
+
+
+WEIGHTING_METHODS: Dict[str, Callable[[Tensor, float, Mapping[str, float]], Tensor]] = {
+    "none": _none,
+    "inverse": _inverse,
+    "sqrt_inverse": _sqrt_inverse,
+    "effective_number": _effective_number,
+    "lvis_groups": _lvis_groups,
+}
+
+# Methods that always use image counts, whatever annotation_counts says.
+_IMAGE_COUNT_METHODS = frozenset({"lvis_groups"})
+
+
+def _group_multipliers(group_multipliers: Optional[Mapping[str, float]]) -> Dict[str, float]:
+    merged = dict(DEFAULT_GROUP_MULTIPLIERS)
+    if group_multipliers is None:
+        return merged
+    for key, value in group_multipliers.items():
+        if key not in merged:
+            raise ValueError(
+                f"group_multipliers has unknown group {key!r}; valid groups are 'r' (rare), "
+                f"'c' (common) and 'f' (frequent)"
+            )
+        value = float(value)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"group_multipliers[{key!r}] must be a finite positive number, got {value}")
+        merged[key] = value
+    return merged
+
+
+def class_weights(
+    image_counts: Sequence[int],
+    annotation_counts: Optional[Sequence[int]] = None,
+    method: str = "none",
+    beta: float = 0.999,
+    group_multipliers: Optional[Mapping[str, float]] = None,
+    power: float = 1.0,
+) -> Tensor:
+    """Per-class loss weights, shape ``(K,)``, float32, mean 1 over classes.
+
+    Normalizing to mean 1 means switching weighting on changes how the loss is
+    spread over classes, not its overall scale.
+
+    Args:
+        image_counts: ``(K,)`` number of training images containing each class.
+        annotation_counts: optional ``(K,)`` number of annotated instances per class.
+        method: one of :data:`WEIGHTING_METHODS`; with ``n_c`` the count of class ``c``:
+
+            * ``"none"``: all ones.
+            * ``"inverse"``: ``1 / n_c``.
+            * ``"sqrt_inverse"``: ``1 / sqrt(n_c)``.
+            * ``"effective_number"``: ``(1 - beta) / (1 - beta ** n_c)``
+              (Cui et al. 2019, "Class-Balanced Loss Based on Effective Number of Samples").
+            * ``"lvis_groups"``: a multiplier per LVIS frequency group
+              (:func:`lvis_frequency_groups`), default ``{"r": 3.0, "c": 1.5, "f": 1.0}``.
+
+            ``n_c`` is ``annotation_counts`` when given, else ``image_counts``;
+            ``"lvis_groups"`` always uses ``image_counts``, since LVIS defines its
+            groups by image counts.
+        beta: effective-number hyper-parameter in ``[0, 1)``; larger gives stronger
+            re-weighting (``beta -> 1`` approaches ``"inverse"``, ``beta = 0`` is ``"none"``).
+        group_multipliers: overrides for some or all of the ``'r'``, ``'c'``, ``'f'``
+            multipliers of ``"lvis_groups"``; unspecified groups keep their defaults.
+        power: the raw weights are raised to this power before normalization;
+            ``< 1`` softens the re-weighting, ``0`` switches it off.
+
+    Classes with a zero count get the weight of the rarest class with a non-zero
+    count (their count is replaced by the smallest non-zero count), so no inf/NaN.
+    All-zero counts are an error for every method except ``"none"``.
+
+    Raises:
+        ValueError: unknown method (with a close-match suggestion), negative,
+            non-finite or (except for ``"none"``) all-zero counts, mismatched lengths, bad ``beta``/``power``.
+    """
+    if method not in WEIGHTING_METHODS:
+        raise ValueError(_unknown_name_message("class weighting method", method, WEIGHTING_METHODS))
+    if not (0.0 <= beta < 1.0):
+        raise ValueError(f"beta must be in [0, 1) for the effective number of samples, got {beta} (typical: 0.99 .. 0.9999)")
+    if not (math.isfinite(power) and power >= 0):
+        raise ValueError(f"power must be a finite number >= 0, got {power}")
+    multipliers = _group_multipliers(group_multipliers)
+
+    images = _as_counts(image_counts, "image_counts")
+    if annotation_counts is not None:
+        annotations = _as_counts(annotation_counts, "annotation_counts")
+        if annotations.shape != images.shape:
+            raise ValueError(
+                f"annotation_counts has {annotations.numel()} classes but image_counts has "
+                f"{images.numel()}; pass one count per class in both"
+            )
+    if annotation_counts is None or method in _IMAGE_COUNT_METHODS:
+        n, name = images, "image_counts"
+    else:
+        n, name = annotations, "annotation_counts"
+
+    if method == "none":  # counts are only validated: weighting off never fails on them
+        return torch.ones(n.numel(), dtype=torch.float32)
+    n = _fill_zero_counts(n, name)
+    w = WEIGHTING_METHODS[method](n, beta, multipliers) ** power  # (K,) float64
+    w = w / w.mean()
+    return w.to(torch.float32)
+
+
+def softmax_class_weights(weights: Tensor) -> Tensor:
+    """Weights for a softmax RoI head with ``K + 1`` outputs, background at index 0.
+
+    Args:
+        weights: ``(K,)`` foreground class weights, e.g. from :func:`class_weights`.
+
+    Returns:
+        ``(K + 1,)``: ``[1.0, weights[0], ..., weights[K-1]]``.  Foreground weights are
+        unchanged (they keep mean 1 over foreground classes); background is unweighted.
+        Index ``c`` matches torchvision's label ``c`` (0 = background, 1..K = classes).
+    """
+    weights = torch.as_tensor(weights)
+    if weights.dim() != 1:
+        raise ValueError(f"weights must be 1-D (K,) foreground weights, got shape {tuple(weights.shape)}")
+    if not weights.is_floating_point():
+        weights = weights.to(torch.float32)
+    background = torch.ones(1, dtype=weights.dtype, device=weights.device)
+    return torch.cat([background, weights])  # (K + 1,)
+
+
+def per_class_temperature(
+    weights: Tensor,
+    base: float,
+    spread: float = 1.0,
+    max_ratio: float = 4.0,
+) -> Tensor:
+    """Per-class KD temperature, warmer for rare (higher-weight) classes.
+
+    ``T_c = clamp(base * (w_c / mean(w)) ** spread, base / max_ratio, base * max_ratio)``
+
+    With weights from :func:`class_weights` (mean 1) this is ``base * w_c ** spread``.
+    It is monotone non-decreasing in ``w_c``; ``spread = 0`` gives ``base`` for every
+    class.  A warmer temperature softens the teacher's distribution for tail classes,
+    whose teacher logits tend to be less reliable.
+
+    Args:
+        weights: ``(K,)`` (or ``(K + 1,)`` for softmax layout) positive class weights.
+        base: temperature of a class with average weight, > 0.
+        spread: exponent controlling how strongly temperature follows the weight, >= 0.
+        max_ratio: clamp temperatures to ``[base / max_ratio, base * max_ratio]``, >= 1.
+
+    Returns:
+        Tensor with the shape, device and (floating) dtype of ``weights``.
+    """
+    weights = torch.as_tensor(weights)
+    if not weights.is_floating_point():
+        weights = weights.to(torch.float32)
+    if weights.dim() != 1 or weights.numel() == 0:
+        raise ValueError(f"weights must be a non-empty 1-D tensor of class weights, got shape {tuple(weights.shape)}")
+    if not (torch.isfinite(weights).all() and (weights > 0).all()):
+        raise ValueError("weights must be finite and strictly positive (use class_weights to build them)")
+    if not (math.isfinite(base) and base > 0):
+        raise ValueError(f"base temperature must be a finite positive number, got {base}")
+    if not (math.isfinite(spread) and spread >= 0):
+        raise ValueError(f"spread must be a finite number >= 0 (0 = constant temperature), got {spread}")
+    if not (math.isfinite(max_ratio) and max_ratio >= 1):
+        raise ValueError(f"max_ratio must be a finite number >= 1, got {max_ratio}")
+    relative = weights / weights.mean()
+    temperature = base * relative.pow(spread)
+    return temperature.clamp(min=base / max_ratio, max=base * max_ratio)
+
+
+# ---------------------------------------------------------------------------
+# Counts from labels and repeat-factor sampling
+# ---------------------------------------------------------------------------
+
+
+def _image_label_indices(image_labels: Sequence[Sequence[int]], num_classes: int, first_label: int) -> list:
+    """Per image, a 1-D int64 tensor of 0-based class indices (with duplicates)."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    out = []
+    for i, labels in enumerate(image_labels):
+        idx = torch.as_tensor(labels, dtype=torch.int64).reshape(-1) - first_label  # (A_i,)
+        if idx.numel() and (idx.min() < 0 or idx.max() >= num_classes):
+            raise ValueError(
+                f"image {i} has label(s) outside [{first_label}, {first_label + num_classes - 1}] "
+                f"(first_label={first_label}, num_classes={num_classes}); labels must be foreground classes "
+                "numbered from first_label. For torchvision detection targets (1..K, 0 = background) "
+                "pass first_label=1 and num_classes=K"
+            )
+        out.append(idx)
+    return out
+
+
+def class_counts_from_labels(
+    image_labels: Sequence[Sequence[int]],
+    num_classes: int,
+    first_label: int = 0,
+) -> Tuple[Tensor, Tensor]:
+    """Image and annotation counts per class from per-image label lists.
+
+    Args:
+        image_labels: for each image, the labels of its annotations (duplicates
+            allowed: one entry per instance).  Labels are ``first_label ..
+            first_label + num_classes - 1``.
+        num_classes: K, the number of foreground classes.
+        first_label: 0 for contiguous 0-based labels (default); 1 for torchvision
+            detection targets, where 0 is background.
+
+    Returns:
+        ``(image_counts, annotation_counts)``, each ``(K,)`` int64: number of images
+        containing the class, and number of instances of the class.
+    """
+    image_counts = torch.zeros(num_classes, dtype=torch.int64)
+    annotation_counts = torch.zeros(num_classes, dtype=torch.int64)
+    for idx in _image_label_indices(image_labels, num_classes, first_label):
+        annotation_counts += torch.bincount(idx, minlength=num_classes)
+        image_counts[torch.unique(idx)] += 1
+    return image_counts, annotation_counts
+
+
+def repeat_factors(
+    image_labels: Sequence[Sequence[int]],
+    num_classes: int,
+    threshold: float = 0.001,
+    first_label: int = 0,
+) -> Tensor:
+    """Repeat factor per image for LVIS repeat-factor sampling.
+
+    Gupta et al. 2019, "LVIS: A Dataset for Large Vocabulary Instance Segmentation":
+    with ``f_c`` the fraction of training images containing class ``c``,
+
+    * per class: ``r_c = max(1, sqrt(threshold / f_c))``
+    * per image: ``r_i = max_{c in image i} r_c``, and 1.0 for images without annotations.
+
+    Class frequencies are computed from ``image_labels`` itself, so pass the whole
+    training set.  An epoch then repeats image ``i`` about ``r_i`` times (a sampler
+    rounds stochastically).
+
+    Args:
+        image_labels: for each image, its annotation labels, numbered
+            ``first_label .. first_label + num_classes - 1``.
+        num_classes: K, the number of foreground classes.
+        threshold: ``t``; classes in fewer than a fraction ``t`` of images are oversampled.
+        first_label: 0 for 0-based labels (default), 1 for torchvision detection targets.
+
+    Returns:
+        ``(num_images,)`` float32, every entry >= 1.
+    """
+    if not (math.isfinite(threshold) and threshold >= 0):
+        raise ValueError(f"threshold must be a finite number >= 0 (LVIS uses 0.001), got {threshold}")
+    per_image = _image_label_indices(image_labels, num_classes, first_label)
+    num_images = len(per_image)
+    if num_images == 0:
+        raise ValueError("image_labels is empty; repeat factors need the training set's labels")
+
+    image_counts = torch.zeros(num_classes, dtype=torch.float64)
+    for idx in per_image:
+        image_counts[torch.unique(idx)] += 1
+    freq = image_counts / num_images  # (K,) f_c
+    # Classes absent from every image never enter the max below; give them 1.
+    class_factor = torch.where(
+        freq > 0,
+        torch.sqrt(threshold / freq.clamp(min=1e-300)).clamp(min=1.0),
+        torch.ones_like(freq),
+    )  # (K,) r_c
+
+    out = torch.ones(num_images, dtype=torch.float64)
+    for i, idx in enumerate(per_image):
+        if idx.numel():
+            out[i] = class_factor[idx].max()
+    return out.to(torch.float32)  # (num_images,)
