@@ -150,6 +150,12 @@ class Distiller(nn.Module):
                         f"{adapter.num_classes} classes and the student {num_classes}. Build both with the same "
                         "num_classes and category order, or distill features only."
                     )
+            if term.loss == "teacher_bounded" and term.on not in self.student_adapter.matchable_box_outputs:
+                raise ValueError(
+                    f"Term {term.name!r}: teacher-bounded regression needs ground-truth matches for {term.on!r}, "
+                    f"which {type(self.student_adapter.model).__name__} assigns only inside its loss function. "
+                    "Use 'delta_l1', 'delta_l2' or 'giou' instead."
+                )
             if term.class_weights is not None and term.class_weights.numel() != num_classes:
                 raise ValueError(
                     f"Term {term.name!r}: class_weights has {term.class_weights.numel()} entries; "
@@ -240,10 +246,6 @@ class Distiller(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Student and connector parameters: what an optimizer should update."""
         return [p for p in list(self.student.parameters()) + list(self.connectors.parameters()) if p.requires_grad]
-
-    @property
-    def kd_active(self) -> bool:
-        return bool(self.terms) and int(self.iteration) >= self.warmup_iters
 
     def forward(self, images: list[Tensor], targets: Optional[list[dict[str, Tensor]]] = None):
         """Training: the student's torchvision loss dict plus one weighted ``kd_<term>`` entry

@@ -211,34 +211,33 @@ def _softmax_logits(term: Term, ctx: StepContext) -> Tensor:
 
 
 def _boxes(term: Term, ctx: StepContext) -> Tensor:
-    student_deltas = getattr(ctx.student, term.on)
-    teacher_deltas = ctx.averaged_teacher(term.on)
-    if term.on == "roi_box_regression":
-        student_deltas, teacher_deltas, references, weights, targets = _roi_box_pairs(term, ctx, student_deltas, teacher_deltas)
-    else:
-        student_deltas, teacher_deltas, references, weights, targets = _anchor_box_pairs(term, ctx, student_deltas, teacher_deltas)
+    pairs = _roi_box_pairs if term.on == "roi_box_regression" else _anchor_box_pairs
+    student, teacher, references, weights, targets = pairs(term, ctx)
     if term.loss == "giou":
         coder = ctx.adapter.box_coder_for(term.on)
-        student_boxes = decode_boxes(coder, student_deltas, references)
-        teacher_boxes = decode_boxes(coder, teacher_deltas, references)
+        student_boxes = decode_boxes(coder, student, references)
+        teacher_boxes = decode_boxes(coder, teacher, references)
         # A teacher box under a pixel wide (FCOS predicts ltrb >= 0, often ~0 early on) defines
         # no overlap worth imitating, and GIoU of two identical empty boxes is 1, not 0.
         sides = teacher_boxes[:, 2:] - teacher_boxes[:, :2]  # (M, 2) widths and heights
         has_extent = (sides >= MIN_BOX_SIDE).all(dim=1)
         return term.loss_fn(student_boxes, teacher_boxes, weights=weights * has_extent, **term.params)
     if term.loss == "teacher_bounded":
-        return term.loss_fn(student_deltas, teacher_deltas, targets(), weights=weights, **term.params)
-    return term.loss_fn(student_deltas, teacher_deltas, weights=weights, **term.params)
+        return term.loss_fn(student, teacher, targets, weights=weights, **term.params)
+    return term.loss_fn(student, teacher, weights=weights, **term.params)
 
 
-def _roi_box_pairs(term: Term, ctx: StepContext, student_deltas: Tensor, teacher_deltas: Tensor):
-    """Class-specific deltas of the foreground RoIs, each taken at its matched GT label."""
+def _roi_box_pairs(term: Term, ctx: StepContext):
+    """Class-specific deltas of the foreground RoIs, each taken at its matched GT label:
+    (student (F, 4), teacher (F, 4), proposals (F, 4), weights (F,), GT deltas (F, 4) or None)."""
     labels, matched_boxes = ctx.roi_assignment
     foreground = torch.where(labels > 0)[0]
     fg_labels = labels[foreground]
     # (R, (K + 1) * 4) -> (R, K + 1, 4) -> (F, 4) at each RoI's label
-    student = student_deltas.reshape(student_deltas.shape[0], -1, 4)[foreground, fg_labels]
-    teacher = teacher_deltas.reshape(teacher_deltas.shape[0], -1, 4)[foreground, fg_labels]
+    student = ctx.student.roi_box_regression
+    student = student.reshape(student.shape[0], -1, 4)[foreground, fg_labels]
+    teacher = ctx.averaged_teacher("roi_box_regression")
+    teacher = teacher.reshape(teacher.shape[0], -1, 4)[foreground, fg_labels]
     proposals = torch.cat(ctx.student.roi_proposals)[foreground]
     weights = torch.ones(foreground.shape, device=student.device)
     if term.class_weights is not None:
@@ -246,21 +245,30 @@ def _roi_box_pairs(term: Term, ctx: StepContext, student_deltas: Tensor, teacher
     if term.confidence_weighting:
         teacher_logits = ctx.fused_teacher("roi_class_logits", 1.0, sigmoid=False)[foreground]
         weights = weights * torch.softmax(teacher_logits, dim=-1).gather(1, fg_labels[:, None]).squeeze(1)
-
-    def targets() -> Tensor:
-        coder = ctx.adapter.box_coder_for(term.on)
-        return encode_boxes(coder, matched_boxes[foreground], proposals)
-
+    targets = None
+    if term.loss == "teacher_bounded":
+        targets = encode_boxes(ctx.adapter.box_coder_for(term.on), matched_boxes[foreground], proposals)
     return student, teacher, proposals, weights, targets
 
 
-def _anchor_box_pairs(term: Term, ctx: StepContext, student_deltas: Tensor, teacher_deltas: Tensor):
-    """Per-anchor deltas, flattened over the batch: (N, HWA, 4) -> (N * HWA, 4)."""
-    student = student_deltas.reshape(-1, 4)
-    teacher = teacher_deltas.reshape(-1, 4)
+def _anchor_box_pairs(term: Term, ctx: StepContext):
+    """Per-anchor deltas flattened over the batch, (N, HWA, 4) -> (N * HWA, 4):
+    (student, teacher, anchors, weights (N * HWA,), GT deltas or None)."""
+    student = getattr(ctx.student, term.on).reshape(-1, 4)
+    teacher = ctx.averaged_teacher(term.on).reshape(-1, 4)
     anchors = torch.cat(ctx.student.anchors)  # (N * HWA, 4)
     weights = torch.ones(student.shape[0], device=student.device)
-    if term.confidence_weighting and term.loss != "teacher_bounded":
+    targets = None
+    if term.loss == "teacher_bounded":
+        # Defined on positive anchors only (Chen et al. 2017), against their matched GT box.
+        matches = ctx.anchor_matches(term.on)
+        weights = (matches >= 0).to(weights.dtype)
+        matched_gt = [
+            boxes[m.clamp(min=0)] if boxes.numel() else torch.zeros_like(a)
+            for boxes, m, a in zip(ctx.student.gt_boxes, matches.split([len(a) for a in ctx.student.anchors]), ctx.student.anchors)
+        ]
+        targets = encode_boxes(ctx.adapter.box_coder_for(term.on), torch.cat(matched_gt), anchors)
+    elif term.confidence_weighting:
         if term.on == "rpn_box_regression":
             weights = torch.sigmoid(ctx.fused_teacher("rpn_objectness", 1.0, sigmoid=True)).reshape(-1)
         else:
@@ -268,15 +276,6 @@ def _anchor_box_pairs(term: Term, ctx: StepContext, student_deltas: Tensor, teac
     if term.class_weights is not None:
         top_class = ctx.fused_teacher("cls_logits", 1.0, sigmoid=True).argmax(dim=-1).reshape(-1)
         weights = weights * term.class_weights.to(student.device)[top_class]
-
-    def targets() -> Tensor:
-        # Teacher-bounded regression is defined on positive anchors only (Chen et al. 2017).
-        matches = ctx.anchor_matches(term.on)
-        weights.mul_((matches >= 0).to(weights.dtype))
-        gt = torch.cat([boxes[m.clamp(min=0)] if boxes.numel() else torch.zeros_like(a)
-                        for boxes, m, a in zip(ctx.student.gt_boxes, matches.split([len(a) for a in ctx.student.anchors]), ctx.student.anchors)])
-        return encode_boxes(ctx.adapter.box_coder_for(term.on), gt, anchors)
-
     return student, teacher, anchors, weights, targets
 
 

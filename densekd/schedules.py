@@ -15,12 +15,13 @@ into a schedule; :data:`SCHEDULES` maps the kind names to the classes.
 from __future__ import annotations
 
 import bisect
-import difflib
 import inspect
 import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Sequence, Tuple, Union
+
+from ._names import unknown_name_message
 
 __all__ = [
     "Schedule",
@@ -33,14 +34,6 @@ __all__ = [
 ]
 
 Schedule = Callable[[int], float]
-
-
-def _unknown_name_message(what: str, name: object, valid: Sequence[str]) -> str:
-    msg = f"unknown {what} {name!r}; valid names: {', '.join(sorted(valid))}"
-    close = difflib.get_close_matches(str(name), list(valid), n=1)
-    if close:
-        msg += f". Did you mean {close[0]!r}?"
-    return msg
 
 
 def _as_float(schedule: str, name: str, value: Any) -> float:
@@ -212,7 +205,7 @@ def build_schedule(spec: Union[float, int, Mapping[str, Any], Schedule]) -> Sche
         )
     kind = kwargs.pop("kind")
     if kind not in SCHEDULES:
-        raise ValueError(_unknown_name_message("schedule kind", kind, SCHEDULES))
+        raise ValueError(unknown_name_message("schedule kind", kind, SCHEDULES))
     cls = SCHEDULES[kind]
     params = list(inspect.signature(cls).parameters)
     try:

@@ -6,7 +6,6 @@ mixes them up fails at construction with the list of valid choices.
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
@@ -14,6 +13,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from ._names import did_you_mean
 from .losses import get_loss
 from .schedules import build_schedule
 from .weighting import per_class_temperature
@@ -49,11 +49,6 @@ CLASS_AGNOSTIC_OUTPUTS = frozenset({"rpn_objectness", "rpn_box_regression", "roi
 
 # Arguments the glue supplies itself; a term's params may not set them.
 _SUPPLIED_ARGUMENTS = frozenset({"temperature", "weights", "target", "target_deltas", "foreground", "mask"})
-
-
-def _suggest(name: str, valid: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(name, list(valid), n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 @dataclass
@@ -94,7 +89,7 @@ class Term:
         if self.on not in LOSSES_BY_OUTPUT:
             valid = tuple(LOSSES_BY_OUTPUT)
             raise ValueError(
-                f"Unknown output {self.on!r} for a term.{_suggest(self.on, valid)} Valid outputs: {', '.join(valid)}."
+                f"Unknown output {self.on!r} for a term.{did_you_mean(self.on, valid)} Valid outputs: {', '.join(valid)}."
             )
         self.loss_fn = get_loss(self.loss)  # raises with valid names on a typo
         allowed = LOSSES_BY_OUTPUT[self.on]
@@ -147,7 +142,7 @@ class Term:
         for key in self.params:
             if key not in tunable:
                 raise ValueError(
-                    f"Loss {self.loss!r} takes no parameter {key!r}.{_suggest(key, tunable)} "
+                    f"Loss {self.loss!r} takes no parameter {key!r}.{did_you_mean(key, tunable)} "
                     f"Its parameters: {', '.join(tunable) or 'none'}."
                 )
 

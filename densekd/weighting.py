@@ -19,12 +19,13 @@ tensor and at index ``c`` of the ``(K + 1,)`` tensor from
 
 from __future__ import annotations
 
-import difflib
 import math
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from ._names import unknown_name_message
 
 __all__ = [
     "FREQUENCY_THRESHOLDS",
@@ -43,14 +44,6 @@ __all__ = [
 FREQUENCY_THRESHOLDS: Tuple[int, int] = (10, 100)
 
 DEFAULT_GROUP_MULTIPLIERS: Mapping[str, float] = {"r": 3.0, "c": 1.5, "f": 1.0}
-
-
-def _unknown_name_message(what: str, name: object, valid: Sequence[str]) -> str:
-    msg = f"unknown {what} {name!r}; valid names: {', '.join(sorted(valid))}"
-    close = difflib.get_close_matches(str(name), list(valid), n=1)
-    if close:
-        msg += f". Did you mean {close[0]!r}?"
-    return msg
 
 
 def _as_counts(counts, name: str) -> Tensor:
@@ -205,7 +198,7 @@ def class_weights(
             non-finite or (except for ``"none"``) all-zero counts, mismatched lengths, bad ``beta``/``power``.
     """
     if method not in WEIGHTING_METHODS:
-        raise ValueError(_unknown_name_message("class weighting method", method, WEIGHTING_METHODS))
+        raise ValueError(unknown_name_message("class weighting method", method, WEIGHTING_METHODS))
     if not (0.0 <= beta < 1.0):
         raise ValueError(f"beta must be in [0, 1) for the effective number of samples, got {beta} (typical: 0.99 .. 0.9999)")
     if not (math.isfinite(power) and power >= 0):

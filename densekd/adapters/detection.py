@@ -53,6 +53,8 @@ class DetectorAdapter(ABC):
 
     #: every output name this family can produce
     provides: frozenset[str] = frozenset({FEATURES})
+    #: box outputs whose anchors/RoIs can be matched to ground truth (teacher-bounded terms)
+    matchable_box_outputs: frozenset[str] = frozenset()
 
     def __init__(self, model: nn.Module):
         self.model = unwrap_model(model)
@@ -179,6 +181,7 @@ class _OneStageAdapter(DetectorAdapter):
 
 class RetinaNetAdapter(_OneStageAdapter):
     provides = frozenset({FEATURES, "cls_logits", "box_regression"})
+    matchable_box_outputs = frozenset({"box_regression"})
 
     def match_anchors(self, output_name: str, anchors: list[Tensor], gt_boxes: list[Tensor]) -> list[Tensor]:
         if output_name == "box_regression":
@@ -196,6 +199,8 @@ class FCOSAdapter(_OneStageAdapter):
 
 class RCNNAdapter(DetectorAdapter):
     """Faster R-CNN and Mask R-CNN: RPN per anchor, RoI heads per sampled proposal."""
+
+    matchable_box_outputs = frozenset({"rpn_box_regression", "roi_box_regression"})
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

@@ -103,6 +103,8 @@ def test_other_construction_errors():
         Distiller(build_retinanet(), build_retinanet(), [Term("binary_kd", "cls_logits", class_weights=torch.ones(3))])
     with pytest.raises(ValueError, match="unique"):
         Distiller(build_rcnn(), build_rcnn(), [Term("hint", "features"), Term("hint", "features")])
+    with pytest.raises(ValueError, match="teacher-bounded regression needs ground-truth matches"):
+        Distiller(build_fcos(), build_fcos(), [Term("teacher_bounded", "box_regression")])
     with pytest.raises(TypeError, match="cannot tap a Linear"):
         Distiller(nn.Linear(2, 2), build_rcnn(), [])
 
