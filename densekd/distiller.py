@@ -156,10 +156,10 @@ class Distiller(nn.Module):
                     f"which {type(self.student_adapter.model).__name__} assigns only inside its loss function. "
                     "Use 'delta_l1', 'delta_l2' or 'giou' instead."
                 )
-            if term.class_weights is not None and term.class_weights.numel() != num_classes:
+            if term.class_weights is not None and term.class_weights.numel() not in self.student_adapter.label_counts:
                 raise ValueError(
-                    f"Term {term.name!r}: class_weights has {term.class_weights.numel()} entries; "
-                    f"the student has {num_classes} classes (background excluded)."
+                    f"Term {term.name!r}: class_weights has {term.class_weights.numel()} entries; the student "
+                    f"predicts labels 1..K with K in {sorted(self.student_adapter.label_counts)}: one weight per label."
                 )
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .adapters.detection import DetectorAdapter, decode_boxes, encode_boxes
 from .outputs import DenseOutputs
 from .terms import Term
-from .weighting import softmax_class_weights
+from .weighting import label_channel_layout
 
 # Relation terms compare (HW x HW) affinities; pooling the grid to at most this side keeps
 # that cost bounded on large images (a 200 x 200 level would need a 40000^2 matrix).
@@ -108,6 +108,11 @@ class StepContext:
         fused = self.fused_teacher("cls_logits", 1.0, sigmoid=True)
         return torch.sigmoid(fused).amax(dim=-1)
 
+    def top_class_weights(self, class_weights: Tensor) -> Tensor:
+        """(N, HWA) class weight of the teachers' top class at every anchor (one-stage heads)."""
+        fused = self.fused_teacher("cls_logits", 1.0, sigmoid=True)  # (N, HWA, C)
+        return label_channel_layout(class_weights, fused.shape[-1], 1.0).to(fused.device)[fused.argmax(dim=-1)]
+
     def anchor_matches(self, output_name: str) -> Tensor:
         """(N * HWA,) matched GT index per anchor of the student (negative: unmatched)."""
         key = f"_matches_{output_name}"
@@ -153,7 +158,9 @@ def _sigmoid_logits(term: Term, ctx: StepContext) -> Tensor:
     student = getattr(ctx.student, term.on)
     if term.on == "mask_logits":
         return _mask_logits(term, ctx, base_t, class_t)
-    temperature = base_t if class_t is None or term.on != "cls_logits" else class_t.to(student.device)
+    temperature: Tensor | float = base_t
+    if class_t is not None and term.on == "cls_logits":
+        temperature = label_channel_layout(class_t, student.shape[-1], base_t).to(student.device)  # (K,)
     teacher = ctx.fused_teacher(term.on, temperature, sigmoid=True)
     weights = torch.ones_like(student[..., :1] if term.on == "cls_logits" else student)
     if term.confidence_weighting:
@@ -163,10 +170,9 @@ def _sigmoid_logits(term: Term, ctx: StepContext) -> Tensor:
             confidence = ctx.dense_teacher_confidence
         weights = weights * (confidence[..., None] if term.on == "cls_logits" else confidence)
     if term.class_weights is not None and term.on == "cls_logits":
-        weights = weights * term.class_weights.to(student.device)  # (N, HWA, 1) * (K,)
+        weights = weights * label_channel_layout(term.class_weights, student.shape[-1], 1.0).to(student.device)  # (N, HWA, 1) * (K,)
     elif term.class_weights is not None:  # centerness: weight of the teacher's top class
-        top_class = ctx.fused_teacher("cls_logits", 1.0, sigmoid=True).argmax(dim=-1)
-        weights = weights * term.class_weights.to(student.device)[top_class]
+        weights = weights * ctx.top_class_weights(term.class_weights)
     return term.loss_fn(student, teacher, temperature=temperature, weights=weights, **term.params)
 
 
@@ -195,11 +201,11 @@ def _softmax_logits(term: Term, ctx: StepContext) -> Tensor:
     student = ctx.student.roi_class_logits  # (R, K + 1)
     temperature: Tensor | float = base_t
     if class_t is not None:  # background RoIs keep the base temperature
-        temperature = torch.cat([class_t.new_tensor([base_t]), class_t]).to(student.device)[labels]  # (R,)
+        temperature = label_channel_layout(class_t, student.shape[-1], base_t).to(student.device)[labels]  # (R,)
     teacher = ctx.fused_teacher("roi_class_logits", temperature if class_t is None else temperature[:, None], False)
     weights = torch.ones(labels.shape, device=student.device)
     if term.class_weights is not None:
-        weights = weights * softmax_class_weights(term.class_weights).to(student.device)[labels]
+        weights = weights * label_channel_layout(term.class_weights, student.shape[-1], 1.0).to(student.device)[labels]
     if term.confidence_weighting:
         weights = weights * torch.softmax(teacher, dim=-1).amax(dim=-1)
     kwargs = dict(term.params, weights=weights)
@@ -274,8 +280,7 @@ def _anchor_box_pairs(term: Term, ctx: StepContext):
         else:
             weights = ctx.dense_teacher_confidence.reshape(-1)
     if term.class_weights is not None:
-        top_class = ctx.fused_teacher("cls_logits", 1.0, sigmoid=True).argmax(dim=-1).reshape(-1)
-        weights = weights * term.class_weights.to(student.device)[top_class]
+        weights = weights * ctx.top_class_weights(term.class_weights).reshape(-1)
     return student, teacher, anchors, weights, targets
 
 

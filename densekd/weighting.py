@@ -4,7 +4,7 @@ Everything here turns dataset statistics (how many training images / annotations
 each class has) into small tensors that the distiller multiplies into its terms:
 
 * :func:`class_weights` -- one weight per foreground class, shape ``(K,)``, mean 1.
-* :func:`softmax_class_weights` -- the same for softmax RoI heads, shape ``(K + 1,)``
+* :func:`label_channel_layout` -- per-label values laid out over a head's channels, ``(K + 1,)`` with background
   with background at index 0.
 * :func:`per_class_temperature` -- a KD temperature per class, warmer for rare classes.
 * :func:`repeat_factors` -- LVIS repeat-factor sampling weights, one per image.
@@ -14,7 +14,7 @@ Class indexing: every ``(K,)`` tensor here is indexed by *foreground* class
 ``0 .. K-1``.  torchvision detection targets number foreground classes ``1 .. K``
 (0 is background); for those, class ``c`` lives at index ``c - 1`` of a ``(K,)``
 tensor and at index ``c`` of the ``(K + 1,)`` tensor from
-:func:`softmax_class_weights`.  The label helpers take ``first_label=1`` for them.
+:func:`label_channel_layout`.  The label helpers take ``first_label=1`` for them.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ __all__ = [
     "WEIGHTING_METHODS",
     "lvis_frequency_groups",
     "class_weights",
-    "softmax_class_weights",
+    "label_channel_layout",
     "per_class_temperature",
     "class_counts_from_labels",
     "repeat_factors",
@@ -226,24 +226,22 @@ def class_weights(
     return w.to(torch.float32)
 
 
-def softmax_class_weights(weights: Tensor) -> Tensor:
-    """Weights for a softmax RoI head with ``K + 1`` outputs, background at index 0.
+def label_channel_layout(values: Tensor, num_channels: int, fill: float = 1.0) -> Tensor:
+    """Per-label values ``(K,)`` (labels 1..K) laid out over a head's class channels.
 
-    Args:
-        weights: ``(K,)`` foreground class weights, e.g. from :func:`class_weights`.
-
-    Returns:
-        ``(K + 1,)``: ``[1.0, weights[0], ..., weights[K-1]]``.  Foreground weights are
-        unchanged (they keep mean 1 over foreground classes); background is unweighted.
-        Index ``c`` matches torchvision's label ``c`` (0 = background, 1..K = classes).
+    Heads with ``K + 1`` channels -- softmax RoI heads with background at index 0, and
+    torchvision's RetinaNet/FCOS trained on labels 1..K, whose losses put label k on channel k
+    so that channel 0 never fires -- get ``fill`` prepended for channel 0, so that index ``c``
+    matches torchvision's label ``c``. Heads with ``K`` channels take the values as they are.
     """
-    weights = torch.as_tensor(weights)
-    if weights.dim() != 1:
-        raise ValueError(f"weights must be 1-D (K,) foreground weights, got shape {tuple(weights.shape)}")
-    if not weights.is_floating_point():
-        weights = weights.to(torch.float32)
-    background = torch.ones(1, dtype=weights.dtype, device=weights.device)
-    return torch.cat([background, weights])  # (K + 1,)
+    values = torch.as_tensor(values)
+    if values.dim() != 1:
+        raise ValueError(f"per-class values must be 1-D (K,), got shape {tuple(values.shape)}")
+    if values.numel() == num_channels:
+        return values
+    if values.numel() + 1 == num_channels:
+        return torch.cat([values.new_tensor([fill]), values])  # (K + 1,)
+    raise ValueError(f"{values.numel()} per-class values cannot be laid out over {num_channels} class channels.")
 
 
 def per_class_temperature(

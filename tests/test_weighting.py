@@ -11,7 +11,7 @@ from densekd.weighting import (
     lvis_frequency_groups,
     per_class_temperature,
     repeat_factors,
-    softmax_class_weights,
+    label_channel_layout,
 )
 
 
@@ -160,15 +160,19 @@ def test_lvis_frequency_group_boundaries():
 # ----------------------------------------------------------------- softmax layout
 
 
-def test_softmax_class_weights_layout():
+def test_label_channel_layout():
     w = class_weights([1, 4, 100], method="sqrt_inverse")  # (K,)
-    s = softmax_class_weights(w)
+    s = label_channel_layout(w, 4)
     assert s.shape == (4,) and s.dtype == w.dtype
-    assert float(s[0]) == 1.0  # background at index 0, unweighted
+    assert float(s[0]) == 1.0  # background / unused channel 0, unweighted
     torch.testing.assert_close(s[1:], w)
     assert float(s[1:].mean()) == pytest.approx(1.0, abs=1e-6)
+    assert label_channel_layout(w, 3) is w  # a head with K channels
+    assert float(label_channel_layout(w, 4, fill=2.5)[0]) == 2.5
     with pytest.raises(ValueError, match="1-D"):
-        softmax_class_weights(torch.ones(2, 3))
+        label_channel_layout(torch.ones(2, 3), 4)
+    with pytest.raises(ValueError, match="cannot be laid out over 7"):
+        label_channel_layout(w, 7)
 
 
 # ----------------------------------------------------------------- temperature

@@ -73,6 +73,11 @@ class DetectorAdapter(ABC):
         """K, the number of foreground classes."""
 
     @property
+    def label_counts(self) -> set[int]:
+        """Possible K (labels 1..K) for this head; see :func:`densekd.weighting.label_channel_layout`."""
+        return {self.num_classes}
+
+    @property
     def image_mean_std(self) -> tuple[list[float], list[float]]:
         return list(self.model.transform.image_mean), list(self.model.transform.image_std)
 
@@ -155,7 +160,14 @@ class _OneStageAdapter(DetectorAdapter):
 
     @property
     def num_classes(self) -> int:
+        """Sigmoid class channels of the head."""
         return self.model.head.classification_head.num_classes
+
+    @property
+    def label_counts(self) -> set[int]:
+        # torchvision's one-stage losses put label k on channel k, so a head trained on labels
+        # 1..K has K + 1 channels (channel 0 unused); one trained on 0..K-1 has K.
+        return {self.num_classes, self.num_classes - 1}
 
     def anchor_signature(self) -> tuple:
         generator = self.model.anchor_generator

@@ -99,8 +99,10 @@ def test_per_anchor_terms_with_mismatched_anchors_say_what_still_works():
 def test_other_construction_errors():
     with pytest.raises(ValueError, match="unknown levels"):
         Distiller(build_rcnn(), build_rcnn(), [Term("hint", "features", levels=["p9"])])
+    with pytest.raises(ValueError, match="class_weights has 2 entries"):
+        Distiller(build_retinanet(), build_retinanet(), [Term("binary_kd", "cls_logits", class_weights=torch.ones(2))])
     with pytest.raises(ValueError, match="class_weights has 3 entries"):
-        Distiller(build_retinanet(), build_retinanet(), [Term("binary_kd", "cls_logits", class_weights=torch.ones(3))])
+        Distiller(build_rcnn(), build_rcnn(), [Term("kl", "roi_class_logits", class_weights=torch.ones(3))])
     with pytest.raises(ValueError, match="unique"):
         Distiller(build_rcnn(), build_rcnn(), [Term("hint", "features"), Term("hint", "features")])
     with pytest.raises(ValueError, match="teacher-bounded regression needs ground-truth matches"):
@@ -158,6 +160,10 @@ def test_class_weights_and_class_temperatures_flow_into_every_kind_of_term():
     distiller = Distiller(build_retinanet(fpn_width=32), build_retinanet(fpn_width=64), terms).train()
     losses = distiller(*make_batch(num_images=3))
     assert all(torch.isfinite(v) and v >= 0 for v in _kd(losses).values())
+    # A head trained on labels 1..K has K + 1 channels (torchvision puts label k on channel k).
+    label_indexed = [Term("binary_kd", "cls_logits", class_weights=weights[1:], class_temperature_spread=0.5)]
+    distiller = Distiller(build_retinanet(fpn_width=32), build_retinanet(fpn_width=64), label_indexed).train()
+    assert torch.isfinite(distiller(*make_batch())["kd_cls_logits_binary_kd"])
     terms = [
         Term("kl", "roi_class_logits", temperature=3.0, class_weights=weights, class_temperature_spread=1.0),
         Term("dkd", "roi_class_logits", class_weights=weights),
