@@ -1,9 +1,19 @@
-"""Datasets for densekd: COCO / LVIS-format detection data and the embedded synthetic long-tail set.
+"""Datasets for densekd: COCO / LVIS-format detection data, the embedded synthetic long-tail set,
+albumentations pipelines, MixUp / CutMix and training samplers.
 
-``densekd.data`` imports nothing from the rest of densekd.
+``densekd.data`` imports nothing from the rest of densekd except the leaf modules
+``densekd.weighting`` (repeat factors, for the samplers) and ``densekd._names`` (error wording).
 """
 
 from densekd.data.coco import CocoDetectionDataset, collate_detection
+from densekd.data.mixing import MixedDetectionDataset, cutmix, mixup
+from densekd.data.samplers import (
+    SAMPLERS,
+    ClassAwareSampler,
+    RandomSampler,
+    RepeatFactorSampler,
+    build_sampler,
+)
 from densekd.data.synthetic import (
     PlannedImage,
     PlannedObject,
@@ -21,10 +31,21 @@ from densekd.data.synthetic import (
     train_image_targets,
     val_image_targets,
 )
+from densekd.data.transforms import DetectionTransform, build_detection_transforms
 
 __all__ = [
     "CocoDetectionDataset",
     "collate_detection",
+    "DetectionTransform",
+    "build_detection_transforms",
+    "MixedDetectionDataset",
+    "mixup",
+    "cutmix",
+    "SAMPLERS",
+    "RandomSampler",
+    "RepeatFactorSampler",
+    "ClassAwareSampler",
+    "build_sampler",
     "PlannedImage",
     "PlannedObject",
     "SyntheticConfig",
