@@ -16,6 +16,7 @@ read with a ``yaml.SafeLoader``: no code in YAML.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 import re
 from pathlib import Path
@@ -72,7 +73,7 @@ class DistillationConfig:
     terms: list[dict[str, Any]]
     teacher_weights: Optional[list[float]] = None
     teacher_geometry: str = "student"
-    warmup_iters: int = 0
+    warmup_iters: Union[int, float] = 0
     self_distillation: Optional[dict[str, Any]] = None
 
 
@@ -80,7 +81,7 @@ _TOP_KEYS = {
     "terms": list,
     "teacher_weights": list,
     "teacher_geometry": str,
-    "warmup_iters": int,
+    "warmup_iters": (int, float),
     "self_distillation": dict,
 }
 
@@ -129,15 +130,48 @@ def load_distillation_config(path: Union[str, Path]) -> DistillationConfig:
         raise ConfigError(f"{path}: {error}") from None
 
 
+def resolve_iterations(value: Any, total_iters: Optional[int], where: str) -> Any:
+    """An iteration count: an int as written, or a float in [0, 1] as a fraction of the run
+    (so one recipe fits a 30- and a 3000-iteration schedule)."""
+    if isinstance(value, float):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{where}: {value} is neither an iteration count (int) nor a fraction in [0, 1].")
+        if total_iters is None:
+            raise ConfigError(f"{where}: a fractional iteration count needs the run's total iterations.")
+        return int(round(value * total_iters))
+    return value
+
+
+def resolve_schedule(spec: Any, total_iters: Optional[int], where: str) -> Any:
+    """A schedule spec with fractional ``start_iter``/``end_iter``/``milestones`` made absolute."""
+    if not isinstance(spec, Mapping):
+        return spec
+    resolved = dict(spec)
+    for key in ("start_iter", "end_iter"):
+        if key in resolved:
+            resolved[key] = resolve_iterations(resolved[key], total_iters, f"{where}.{key}")
+    fractional = any(isinstance(spec.get(key), float) for key in ("start_iter", "end_iter"))
+    if fractional and {"start_iter", "end_iter"} <= resolved.keys() and resolved["end_iter"] <= resolved["start_iter"]:
+        resolved["end_iter"] = resolved["start_iter"] + 1  # fractions of a very short run still give a valid ramp
+    if "milestones" in resolved:
+        resolved["milestones"] = [resolve_iterations(m, total_iters, f"{where}.milestones") for m in resolved["milestones"]]
+    return resolved
+
+
 def build_terms(
     config: DistillationConfig,
     image_counts: Optional[Sequence[int]] = None,
     annotation_counts: Optional[Sequence[int]] = None,
+    total_iters: Optional[int] = None,
 ) -> list[Term]:
-    """The config's terms; per-class weights are computed from the dataset's class counts."""
+    """The config's terms; per-class weights are computed from the dataset's class counts and
+    fractional iteration counts in schedules resolved against ``total_iters``."""
     terms = []
     for index, spec in enumerate(config.terms):
         spec = dict(spec)
+        for key in ("weight", "temperature"):
+            if key in spec:
+                spec[key] = resolve_schedule(spec[key], total_iters, f"terms[{index}].{key}")
         weight_spec = spec.pop("class_weights", None)
         if weight_spec is not None:
             if image_counts is None:
@@ -152,12 +186,228 @@ def build_terms(
     return terms
 
 
-def distiller_kwargs(config: DistillationConfig) -> dict[str, Any]:
+def distiller_kwargs(config: DistillationConfig, total_iters: Optional[int] = None) -> dict[str, Any]:
     """Keyword arguments for ``Distiller`` (or ``Distiller.self_distillation``) besides the models and terms."""
-    kwargs = {"teacher_geometry": config.teacher_geometry, "warmup_iters": config.warmup_iters}
+    warmup = resolve_iterations(config.warmup_iters, total_iters, "warmup_iters")
+    kwargs = {"teacher_geometry": config.teacher_geometry, "warmup_iters": warmup}
     if config.teacher_weights is not None:
         kwargs["teacher_weights"] = config.teacher_weights
     if config.self_distillation is not None:
         kwargs.update(config.self_distillation)
     return kwargs
 
+
+
+# --- experiments: data, models, optimisation and distillation in one file ----------------
+@dataclass
+class DataSection:
+    dataset: str = "synthetic"  # "synthetic" (embedded) or "coco" (COCO/LVIS-format files)
+    train_ann: Optional[str] = None
+    train_images: Optional[str] = None
+    val_ann: Optional[str] = None
+    val_images: Optional[str] = None
+    synthetic: dict = dataclasses.field(default_factory=dict)  # SyntheticConfig overrides
+    batch_size: int = 8
+    num_workers: int = 0
+    sampler: str = "random"  # random | repeat_factor | class_aware
+    rfs_threshold: float = 0.001
+
+
+@dataclass
+class AugmentSection:
+    hflip: float = 0.0
+    scale_jitter: float = 0.0
+    color_jitter: float = 0.0
+    strength: Any = 1.0  # number or schedule spec: augmentation strength over iterations
+    mixup_prob: float = 0.0
+    mixup_alpha: float = 1.5
+    cutmix_prob: float = 0.0
+
+
+@dataclass
+class ModelSection:
+    name: str = ""  # a densekd.models builder or a torchvision detection builder
+    image_size: int = 96
+    checkpoint: Optional[str] = None  # state_dict or a densekd training checkpoint
+    weights: Optional[str] = None  # torchvision pretrained-weights name (needs the internet once)
+
+
+@dataclass
+class OptimSection:
+    iterations: int = 300
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    warmup_iters: int = 50
+    lr_schedule: str = "cosine"  # cosine | step
+    lr_milestones: list = dataclasses.field(default_factory=list)  # step schedule, in iterations
+    lr_gamma: float = 0.1
+    clip_grad_norm: Optional[float] = 10.0
+    label_smoothing: float = 0.0
+    amp: bool = False  # CUDA only
+
+
+@dataclass
+class ExperimentConfig:
+    recipe: Optional[str] = None  # configs/recipes/<recipe>.yaml, read first, then overridden
+    seed: int = 0
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    augment: AugmentSection = dataclasses.field(default_factory=AugmentSection)
+    teacher: ModelSection = dataclasses.field(default_factory=ModelSection)
+    extra_teachers: list = dataclasses.field(default_factory=list)  # more ModelSection mappings
+    student: ModelSection = dataclasses.field(default_factory=ModelSection)
+    teacher_optim: OptimSection = dataclasses.field(default_factory=lambda: OptimSection(iterations=500))
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    distill: Optional[dict] = None  # a distillation config (see parse_distillation_config)
+    checkpoint_every: int = 100
+    log_every: int = 50
+
+
+_SECTIONS = {
+    "data": DataSection,
+    "augment": AugmentSection,
+    "teacher": ModelSection,
+    "student": ModelSection,
+    "teacher_optim": OptimSection,
+    "optim": OptimSection,
+}
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs" / "recipes"
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return {f.name: f.type for f in dataclasses.fields(cls)}
+
+
+_SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "list": (list,)}
+
+
+def _check_value(where: str, value: Any, annotation: str) -> Any:
+    """Type-check ``value`` against a dataclass field annotation written as a string."""
+    if annotation == "Any":
+        return value
+    optional = annotation.startswith("Optional[")
+    base = annotation[len("Optional[") : -1] if optional else annotation
+    if value is None and optional:
+        return None
+    allowed = _SCALARS[base]
+    if isinstance(value, bool) and bool not in allowed:
+        raise ConfigError(f"{where} must be {base}, got {value!r}.")
+    if not isinstance(value, allowed):
+        raise ConfigError(f"{where} must be {base}{' or null' if optional else ''}, got {value!r}.")
+    return float(value) if base == "float" else value
+
+
+def _build_section(where: str, cls, values: Mapping[str, Any]):
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {values!r}.")
+    types = _field_types(cls)
+    checked = {}
+    for key, value in values.items():
+        if key not in types:
+            raise ConfigError(
+                f"{where}: unknown key {key!r}.{did_you_mean(str(key), list(types))} Valid keys: {', '.join(types)}."
+            )
+        checked[key] = _check_value(f"{where}.{key}", value, types[key])
+    return cls(**checked)
+
+
+def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Section-wise merge: override's keys win inside each section mapping."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping) and key != "distill":
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(assignments: Sequence[str]) -> dict[str, Any]:
+    """``["optim.lr=0.01", "seed=3"]`` -> nested mapping; values parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. optim.lr=0.01.")
+        key, raw = assignment.split("=", 1)
+        value = yaml.load(raw, Loader=_SafeLoaderYaml12Booleans)
+        parts = key.strip().split(".")
+        if len(parts) > 2:
+            raise ConfigError(f"--set {key}: at most one dot (section.key).")
+        if len(parts) == 2:
+            nested.setdefault(parts[0], {})[parts[1]] = value
+        else:
+            nested[parts[0]] = value
+    return nested
+
+
+def parse_experiment_config(values: Mapping[str, Any], recipes_dir: Path = RECIPES_DIR) -> ExperimentConfig:
+    """Validate an experiment mapping; a named recipe is read first and the mapping overrides it."""
+    values = dict(values or {})
+    recipe = values.get("recipe")
+    if recipe is not None:
+        if not isinstance(recipe, str):
+            raise ConfigError(f"recipe must be a name, got {recipe!r}.")
+        path = recipes_dir / f"{recipe}.yaml"
+        if not path.is_file():
+            names = sorted(p.stem for p in recipes_dir.glob("*.yaml"))
+            raise ConfigError(
+                f"unknown recipe {recipe!r}.{did_you_mean(recipe, names)} Recipes: {', '.join(names)}."
+            )
+        recipe_values = read_yaml(path) or {}
+        if "recipe" in recipe_values:
+            raise ConfigError(f"{path}: a recipe cannot name another recipe (one level of composition).")
+        values = _merge(recipe_values, values)
+    types = _field_types(ExperimentConfig)
+    built: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in types:
+            raise ConfigError(
+                f"unknown key {key!r}.{did_you_mean(str(key), list(types))} Valid keys: {', '.join(types)}."
+            )
+        if key in _SECTIONS:
+            built[key] = _build_section(key, _SECTIONS[key], value)
+        elif key == "extra_teachers":
+            if not isinstance(value, list):
+                raise ConfigError(f"extra_teachers must be a list of model sections, got {value!r}.")
+            built[key] = [_build_section(f"extra_teachers[{i}]", ModelSection, v) for i, v in enumerate(value)]
+        elif key == "distill":
+            parse_distillation_config(value)  # validate now; terms are built once counts are known
+            built[key] = value
+        else:
+            built[key] = _check_value(key, value, types[key])
+    return ExperimentConfig(**built)
+
+
+def load_experiment_config(
+    path: Union[str, Path, None] = None, overrides: Sequence[str] = (), recipes_dir: Path = RECIPES_DIR
+) -> ExperimentConfig:
+    """Read an experiment YAML (or start empty), apply ``--set`` overrides, validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist.")
+        values = read_yaml(path) or {}
+    try:
+        return parse_experiment_config(_merge(values, parse_overrides(overrides)), recipes_dir)
+    except ConfigError as error:
+        raise ConfigError(f"{path or 'config'}: {error}") from None
+
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+_MODEL_KEYS = {"architecture": str, "backbone": str, "fpn_channels": int, "head_convs": int}
+
+
+def model_definitions(models_dir: Path = MODELS_DIR) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``configs/models/<name>.yaml`` -> {name: (architecture, arguments)}."""
+    definitions = {}
+    for path in sorted(models_dir.glob("*.yaml")):
+        values = read_yaml(path) or {}
+        try:
+            _check_keys(str(path), values, _MODEL_KEYS, required=["architecture"])
+        except ConfigError as error:
+            raise ConfigError(str(error)) from None
+        values = dict(values)
+        definitions[path.stem] = (values.pop("architecture"), values)
+    return definitions

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
-from .adapters.detection import PER_ANCHOR_OUTPUTS, ROI_OUTPUTS, DetectorAdapter, adapter_for
+from .adapters.detection import PER_ANCHOR_OUTPUTS, ROI_OUTPUTS, DetectorAdapter, RCNNAdapter, adapter_for
 from .connectors import FeatureConnector
+from .label_smoothing import check_label_smoothing, smoothed_focal_loss, smoothed_roi_classification_loss
 from .outputs import DenseOutputs
 from .pairs import StepContext, connector_key, teacher_needs, term_loss
 from .taps import Tap
@@ -53,6 +54,8 @@ class Distiller(nn.Module):
             "own" lets the teacher resize with its own transform: RoIs are rescaled and
             features interpolated, but per-anchor terms cannot pair.
         warmup_iters: training iterations without distillation (the kd terms are 0).
+        label_smoothing: epsilon of label smoothing on the student's hard classification
+            loss (``densekd.label_smoothing``); 0 keeps torchvision's loss as it is.
         probe_size: side of the blank image of the construction-time dry run that infers
             feature shapes (connectors, stride checks).
     """
@@ -65,6 +68,7 @@ class Distiller(nn.Module):
         teacher_weights: Optional[Sequence[float]] = None,
         teacher_geometry: str = "student",
         warmup_iters: int = 0,
+        label_smoothing: float = 0.0,
         probe_size: int = 128,
     ):
         super().__init__()
@@ -85,6 +89,8 @@ class Distiller(nn.Module):
         self.last_terms: dict[str, dict[str, Tensor]] = {}
 
         self.student_adapter = adapter_for(student)
+        check_label_smoothing(self.student_adapter, label_smoothing)
+        self.label_smoothing = float(label_smoothing)
         self.teacher_adapters = [adapter_for(t) for t in self.teachers]
         self._check_terms()
         self._teacher_needs = set().union(*(teacher_needs(t) for t in self.terms)) if self.terms else set()
@@ -254,15 +260,19 @@ class Distiller(nn.Module):
             return self.student(images, targets)
         self._update_self_teacher()
         adapter = self.student_adapter
-        with Tap(self.student, outputs=adapter.tap_outputs(), inputs=adapter.tap_inputs()) as tap:
+        tap = Tap(self.student, outputs=adapter.tap_outputs(), inputs=adapter.tap_inputs())
+        with smoothed_focal_loss(adapter, self.label_smoothing), tap:
             losses = self.student(images, targets)
             records = tap.read()
         iteration = int(self.iteration)
         self.iteration += 1
+        student_outputs = adapter.collect(records)
+        if self.label_smoothing and isinstance(adapter, RCNNAdapter):
+            labels = torch.cat(adapter.assign_rois(student_outputs.roi_proposals, student_outputs.gt_boxes, student_outputs.gt_labels)[1])
+            losses["loss_classifier"] = smoothed_roi_classification_loss(student_outputs, labels, self.label_smoothing)
         if not self.terms or iteration < self.warmup_iters:
             zero = next(iter(losses.values())).new_zeros(())
             return {**losses, **{term.key: zero for term in self.terms}}
-        student_outputs = adapter.collect(records)
         with torch.no_grad():
             teacher_outputs = [
                 self._run_teacher(index, images, records["transform"][0], student_outputs)

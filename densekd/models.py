@@ -5,22 +5,27 @@ Every builder returns a plain torchvision :class:`~torchvision.models.detection.
 share the anchor generator and the feature strides (8, 16, 32, 64, 128 on levels
 "0", "1", "2", "p6", "p7"), so per-anchor terms (``cls_logits``, ``centerness``, ...) pair.
 
-    student = build_detector("fcos_resnet18_fpn64", num_classes=12, image_size=96)
+    student = build_detector("fcos_resnet18_fpn64", num_classes=12, image_size=96)   # configs/models/
 """
 from __future__ import annotations
 
 import difflib
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Union
 
+import torch
+import torchvision
 from torch import nn
-from torchvision.models import resnet18, resnet34
+from torchvision.models import resnet18, resnet34, resnet50
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-__all__ = ["DETECTORS", "build_detector", "fcos_resnet18_fpn64", "fcos_resnet34_fpn128"]
+from .config import model_definitions
+
+__all__ = ["ARCHITECTURES", "build_detector", "fcos_fpn", "load_weights"]
 
 # ResNet stages 2-4 (strides 8, 16, 32) -> FPN levels "0", "1", "2"; P6/P7 add strides 64, 128.
 _RETURN_LAYERS = {"layer2": "0", "layer3": "1", "layer4": "2"}
@@ -61,32 +66,70 @@ def _fcos(
     )
 
 
-def fcos_resnet34_fpn128(num_classes: int, image_size: int) -> FCOS:
-    """The demo's teacher: FCOS, ResNet-34 (from scratch) + 128-channel FPN P3-P7, 4-conv GroupNorm head."""
-    return _fcos(resnet34(weights=None), (128, 256, 512), 128, num_classes, image_size, head_convs=4)
+_BACKBONES = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
+_STAGE_CHANNELS = {"resnet18": (128, 256, 512), "resnet34": (128, 256, 512), "resnet50": (512, 1024, 2048)}
 
 
-def fcos_resnet18_fpn64(num_classes: int, image_size: int) -> FCOS:
-    """The demo's student: FCOS, ResNet-18 (from scratch) + 64-channel FPN P3-P7, 2-conv GroupNorm head."""
-    return _fcos(resnet18(weights=None), (128, 256, 512), 64, num_classes, image_size, head_convs=2)
+def fcos_fpn(num_classes: int, image_size: int, backbone: str = "resnet18", fpn_channels: int = 64, head_convs: int = 2) -> FCOS:
+    """FCOS on a ResNet body (from scratch) with an FPN over P3-P7 and a GroupNorm head."""
+    if backbone not in _BACKBONES:
+        raise ValueError(f"Unknown FCOS backbone {backbone!r}; valid: {', '.join(_BACKBONES)}.")
+    body = _BACKBONES[backbone](weights=None)
+    return _fcos(body, _STAGE_CHANNELS[backbone], fpn_channels, num_classes, image_size, head_convs)
 
 
-DETECTORS: dict[str, Callable[[int, int], FCOS]] = {
-    "fcos_resnet34_fpn128": fcos_resnet34_fpn128,
-    "fcos_resnet18_fpn64": fcos_resnet18_fpn64,
-}
+#: architectures that ``configs/models/<name>.yaml`` files instantiate
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"fcos_fpn": fcos_fpn}
+
+
+def _torchvision_detectors() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models.detection))
 
 
 def build_detector(name: str, num_classes: int, image_size: int) -> nn.Module:
-    """A detector from :data:`DETECTORS` by name, for ``num_classes`` foreground classes K
-    (labels 1..K, as :class:`~densekd.data.CocoDetectionDataset` gives them) on square
-    ``image_size`` images (``min_size = max_size = image_size``).
+    """A detector for ``num_classes`` foreground classes K (labels 1..K, as
+    :class:`~densekd.data.CocoDetectionDataset` gives them) on ``image_size`` images.
 
-    The FCOS head has K + 1 sigmoid channels indexed by label (channel 0 unused), because
-    torchvision's FCOS loss indexes channels by label; rebuild with the same K to load weights.
+    ``name`` is a model definition in ``configs/models/<name>.yaml`` (an architecture from
+    :data:`ARCHITECTURES` with its arguments) or a torchvision detection builder such as
+    ``fasterrcnn_resnet50_fpn`` (built without weights; load a checkpoint with
+    :func:`load_weights`). Heads get K + 1 class channels: softmax heads keep background at
+    0, and torchvision's one-stage losses index channels by label (channel 0 unused).
     """
-    if name not in DETECTORS:
-        close = difflib.get_close_matches(name, list(DETECTORS), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown detector {name!r}.{hint} Valid names: {', '.join(DETECTORS)}.")
-    return DETECTORS[name](num_classes, image_size)
+    definitions = model_definitions()
+    if name in definitions:
+        architecture, arguments = definitions[name]
+        return ARCHITECTURES[architecture](num_classes, image_size, **arguments)
+    if name in _torchvision_detectors():
+        return torchvision.models.get_model(
+            name, weights=None, weights_backbone=None, num_classes=num_classes + 1, min_size=image_size, max_size=image_size
+        )
+    valid = sorted(definitions) + _torchvision_detectors()
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"Unknown detector {name!r}.{hint} Valid names: {', '.join(valid)}.")
+
+
+def load_weights(model: nn.Module, path: Union[str, Path]) -> nn.Module:
+    """Load a state_dict, or a densekd training checkpoint (``{"model": state_dict, ...}``),
+    with ``weights_only=True`` and ``strict=True``; a mismatch names the missing and the
+    unexpected keys on one line each."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mismatched = [key for key in expected if key in state and expected[key].shape != state[key].shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{path} does not fit {type(model).__name__} (another architecture or class count?)\n"
+            f"  missing keys ({len(missing)}): {', '.join(missing[:8])}\n"
+            f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}\n"
+            f"  shape mismatches ({len(mismatched)}): {', '.join(mismatched[:8])}"
+        )
+    model.load_state_dict(state, strict=True)
+    return model

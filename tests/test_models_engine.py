@@ -2,13 +2,36 @@ import pytest
 import torch
 
 from densekd.engine import save_checkpoint, warmup_cosine
-from densekd.models import DETECTORS, build_detector
+from densekd.config import model_definitions
+from densekd.models import build_detector, load_weights
 
 
 def test_build_detector_typo_lists_valid_names():
     with pytest.raises(ValueError, match="fcos_resnet18_fpn64") as error:
         build_detector("fcos_resnet18_fpn46", num_classes=3, image_size=64)
-    assert all(name in str(error.value) for name in DETECTORS)
+    assert all(name in str(error.value) for name in model_definitions())
+    assert "fasterrcnn_resnet50_fpn" in str(error.value)  # torchvision builders are valid names too
+
+
+def test_torchvision_builders_get_one_class_channel_per_label_plus_background():
+    model = build_detector("fasterrcnn_mobilenet_v3_large_fpn", num_classes=3, image_size=64)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 4
+    assert model.transform.min_size == (64,)
+
+
+def test_load_weights_accepts_state_dicts_and_training_checkpoints_and_names_mismatches(tmp_path):
+    student = build_detector("fcos_resnet18_fpn64", num_classes=3, image_size=64)
+    torch.save(student.state_dict(), tmp_path / "plain.pth")
+    torch.save({"model": student.state_dict(), "iteration": 5}, tmp_path / "ckpt.pth")
+    for file in ("plain.pth", "ckpt.pth"):
+        fresh = build_detector("fcos_resnet18_fpn64", num_classes=3, image_size=64)
+        load_weights(fresh, tmp_path / file)
+        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), student.state_dict().values()))
+    other = build_detector("fcos_resnet34_fpn128", num_classes=3, image_size=64)
+    with pytest.raises(ValueError, match=r"(?s)does not fit FCOS.*missing keys.*unexpected keys"):
+        load_weights(other, tmp_path / "plain.pth")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_weights(other, tmp_path / "nope.pth")
 
 
 def test_student_head_has_one_channel_per_label_and_reloads_strictly():

@@ -63,3 +63,17 @@ def test_yaml_on_and_yes_stay_strings_and_python_tags_are_refused(tmp_path):
     path.write_text("terms: !!python/object/apply:os.system ['echo unsafe']\n")
     with pytest.raises(Exception, match="could not determine a constructor|python/object"):
         load_distillation_config(path)
+
+
+def test_fractional_iteration_counts_resolve_against_the_run_length():
+    from densekd.config import resolve_iterations, resolve_schedule
+
+    assert resolve_iterations(0.5, 300, "x") == 150 and resolve_iterations(7, 300, "x") == 7
+    spec = {"kind": "linear", "start_value": 5.0, "end_value": 2.0, "start_iter": 0, "end_iter": 0.5}
+    assert resolve_schedule(spec, 300, "t")["end_iter"] == 150
+    assert resolve_schedule(spec, 1, "t")["end_iter"] == 1  # a one-step run still gets a valid ramp
+    assert resolve_schedule({"kind": "step", "values": [1, 2], "milestones": [0.25]}, 40, "w")["milestones"] == [10]
+    with pytest.raises(ConfigError, match="neither an iteration count"):
+        resolve_iterations(1.5, 300, "warmup_iters")
+    with pytest.raises(ConfigError, match="needs the run's total iterations"):
+        resolve_iterations(0.3, None, "warmup_iters")
