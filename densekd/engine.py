@@ -1,30 +1,69 @@
 """Training, evaluation and checkpointing loops; no model-specific code.
 
-``train`` takes a torchvision detector or a :class:`~densekd.distiller.Distiller` (anything
-that returns a loss dict in training mode), ``evaluate`` any detector that returns
-torchvision-style detections in eval mode.
+:func:`run_training` runs one resumable training phase (a :class:`TrainingJob`): it builds the
+optimizer, LR schedule and data loader, checkpoints atomically, resumes bitwise-exactly
+(``num_workers=0``, CPU), stops cleanly on SIGINT/SIGTERM and runs under ``torchrun``
+(DistributedDataParallel). ``train`` is the older loop over a ready-made data loader, kept for
+callers that have not switched. ``evaluate`` takes any detector that returns torchvision-style
+detections in eval mode.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
+import random
+import signal
 import tempfile
+import threading
 import time
+from bisect import bisect_right
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from ._names import unknown_name_message
+from .config import OptimSection
+from .data.coco import collate_detection
 from .evaluation import evaluate_coco, evaluate_lvis_style, to_coco_results
 
-__all__ = ["evaluate", "save_checkpoint", "train", "warmup_cosine"]
+__all__ = [
+    "INTERRUPTED_EXIT_CODE",
+    "LR_SCHEDULES",
+    "OPTIMIZERS",
+    "TrainingInterrupted",
+    "TrainingJob",
+    "build_lr_lambda",
+    "build_optimizer",
+    "evaluate",
+    "init_distributed",
+    "is_main_process",
+    "run_training",
+    "save_checkpoint",
+    "train",
+    "warmup_cosine",
+    "warmup_step",
+]
 
 COCO_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 LVIS_COLUMNS = ("APr", "APc", "APf")
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("cosine", "step")
+INTERRUPTED_EXIT_CODE = 130  # what a shell reports for a process ended by Ctrl-C
+CHECKPOINT_FORMAT = 1
+# A repeated SIGINT/SIGTERM aborts at once, unless it comes this soon after the first: torchrun
+# forwards the terminal's Ctrl-C to workers that already received it from the terminal.
+_REPEAT_SIGNAL_GRACE_S = 2.0
 
 
+# --- learning-rate schedules and optimizers -------------------------------------------------
 def warmup_cosine(iterations: int, warmup_iters: int):
     """LR multiplier at step ``i``: linear 1/(w+1) -> 1 over ``warmup_iters``, then cosine 1 -> 0."""
 
@@ -37,6 +76,170 @@ def warmup_cosine(iterations: int, warmup_iters: int):
     return factor
 
 
+def warmup_step(warmup_iters: int, milestones: Iterable[int], gamma: float):
+    """LR multiplier at step ``i`` (steps done): linear 1/(w+1) -> 1 over ``warmup_iters``, times
+    ``gamma`` for every milestone ``m <= i`` (as ``MultiStepLR``: from step ``m`` on)."""
+    milestones = sorted(int(m) for m in milestones)
+
+    def factor(step: int) -> float:
+        warm = (step + 1) / (warmup_iters + 1) if step < warmup_iters else 1.0
+        return warm * gamma ** bisect_right(milestones, step)
+
+    return factor
+
+
+def build_lr_lambda(optim: OptimSection) -> Callable[[int], float]:
+    """The LR multiplier of ``optim.lr_schedule`` ("cosine" or "step"), for ``LambdaLR``."""
+    if optim.lr_schedule == "cosine":
+        return warmup_cosine(optim.iterations, optim.warmup_iters)
+    if optim.lr_schedule == "step":
+        return warmup_step(optim.warmup_iters, optim.lr_milestones, optim.lr_gamma)
+    raise ValueError(unknown_name_message("lr_schedule", optim.lr_schedule, LR_SCHEDULES))
+
+
+def build_optimizer(parameters: list[nn.Parameter], optim: OptimSection) -> torch.optim.Optimizer:
+    """AdamW or SGD (with ``optim.momentum``) over ``parameters``."""
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay)
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    raise ValueError(unknown_name_message("optimizer", optim.optimizer, OPTIMIZERS))
+
+
+def _trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """A Distiller's ``trainable_parameters()`` (student + connectors), else every parameter with grad."""
+    if hasattr(model, "trainable_parameters"):
+        return list(model.trainable_parameters())
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# --- one step, progress logging (shared by run_training and train) ----------------------------
+def _training_step(
+    model: nn.Module,
+    images: list[torch.Tensor],
+    targets: list[dict[str, Any]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    parameters: list[nn.Parameter],
+    clip_grad_norm: Optional[float],
+    iteration: int,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Forward (under ``autocast``), backward, clip, optimizer and scheduler step; ``iteration``
+    is the 1-based number of this step, for the error message."""
+    with autocast():
+        loss_dict = model(images, targets)
+    loss = sum(loss_dict.values())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"Non-finite loss at iteration {iteration}: "
+            f"{ {k: float(v) for k, v in loss_dict.items()} }. Lower the LR or the kd weights."
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(parameters, clip_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return loss_dict, loss
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60:d}:{seconds % 60:02d}"
+
+
+class _Progress:
+    """Loss means over a logging window: a one-line print, a JSONL record and (when
+    ``torch.utils.tensorboard`` imports) TensorBoard scalars every ``log_every`` steps and at
+    the last. ``enabled=False`` (non-main ranks) keeps the means but writes nothing."""
+
+    def __init__(
+        self,
+        iterations: int,
+        log_every: int,
+        log_file: Union[str, os.PathLike, None],
+        log_mode: str = "a",
+        tensorboard_dir: Optional[Path] = None,
+        first_iteration: int = 0,
+        enabled: bool = True,
+    ) -> None:
+        self.iterations = iterations
+        self.log_every = log_every
+        self.enabled = enabled
+        self.window: dict[str, float] = {}
+        self.window_steps = 0
+        self.final_losses: Optional[dict[str, float]] = None
+        self.log = open(log_file, log_mode, encoding="utf-8") if enabled and log_file is not None else None
+        self.writer = None
+        if enabled and tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.writer = SummaryWriter(str(tensorboard_dir), purge_step=first_iteration + 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": dict(self.window), "window_steps": self.window_steps, "final_losses": self.final_losses}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.window = {k: float(v) for k, v in state["window"].items()}
+        self.window_steps = int(state["window_steps"])
+        self.final_losses = state["final_losses"]
+
+    def add(self, loss_dict: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        for name, value in loss_dict.items():
+            self.window[name] = self.window.get(name, 0.0) + float(value.detach())
+        self.window["loss"] = self.window.get("loss", 0.0) + float(loss.detach())
+        self.window_steps += 1
+
+    def maybe_log(
+        self,
+        iteration: int,
+        lr: float,
+        total_seconds: float,
+        session_seconds_per_iteration: float,
+        last_terms: Optional[dict[str, dict[str, torch.Tensor]]],
+    ) -> None:
+        """``iteration``: steps done (1-based number of the step just taken)."""
+        if iteration % self.log_every != 0 and iteration != self.iterations:
+            return
+        means = {name: total / max(self.window_steps, 1) for name, total in self.window.items()}
+        self.final_losses, self.window, self.window_steps = means, {}, 0
+        if not self.enabled:
+            return
+        eta = session_seconds_per_iteration * (self.iterations - iteration)
+        kd = "".join(f" {k}={v:.4f}" for k, v in means.items() if k.startswith("kd_"))
+        print(
+            f"  it {iteration:>5d}/{self.iterations}  loss {means.get('loss', float('nan')):.4f}{kd}  "
+            f"lr {lr:.2e}  {session_seconds_per_iteration:.2f}s/it  eta {_format_seconds(eta)}",
+            flush=True,
+        )
+        record: dict[str, Any] = {"iteration": iteration, "lr": lr, "seconds": round(total_seconds, 3), "losses": means}
+        if last_terms:
+            record["kd_terms_last_step"] = {
+                key: {"unscaled": float(v["unscaled"]), "weight": float(v["weight"])} for key, v in last_terms.items()
+            }
+        if self.log is not None:
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
+        if self.writer is not None:
+            for name, value in means.items():
+                self.writer.add_scalar(f"loss/{name}", value, iteration)
+            for key, term in (record.get("kd_terms_last_step") or {}).items():
+                self.writer.add_scalar(f"unscaled/{key}", term["unscaled"], iteration)
+            self.writer.add_scalar("lr", lr, iteration)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+# --- the older loop over a ready-made data loader -------------------------------------------
 def _cycle(data_loader) -> Iterator:
     """Iterate a loader forever, epoch after epoch (a fresh shuffle each epoch)."""
     while True:
@@ -46,11 +249,6 @@ def _cycle(data_loader) -> Iterator:
             yield batch
         if not yielded:
             raise ValueError("The data loader is empty; nothing to train on.")
-
-
-def _format_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60:d}:{seconds % 60:02d}"
 
 
 def train(
@@ -64,7 +262,8 @@ def train(
     log_every: int,
     log_file: Union[str, os.PathLike, None] = None,
 ) -> dict[str, Any]:
-    """Train for a fixed number of iterations, cycling through ``data_loader``.
+    """Train for a fixed number of iterations, cycling through ``data_loader`` (no checkpoints,
+    no resume; :func:`run_training` has both).
 
     AdamW over ``trainable_parameters()`` when the object has it (a Distiller: student and
     connectors), else over ``parameters()``; LR warms up linearly over ``warmup_iters`` then
@@ -81,76 +280,34 @@ def train(
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     if log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {log_every}")
-    parameters = (
-        list(model_or_distiller.trainable_parameters())
-        if hasattr(model_or_distiller, "trainable_parameters")
-        else [p for p in model_or_distiller.parameters() if p.requires_grad]
-    )
+    parameters = _trainable_parameters(model_or_distiller)
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(iterations, warmup_iters))
-    log = open(log_file, "a", encoding="utf-8") if log_file is not None else None
+    progress = _Progress(iterations, log_every, log_file)
 
     model_or_distiller.train()
     batches = _cycle(data_loader)
-    window: dict[str, float] = {}
-    window_steps = 0
     start = time.perf_counter()
     try:
         for iteration in range(1, iterations + 1):
             images, targets = next(batches)
-            loss_dict = model_or_distiller(images, targets)
-            loss = sum(loss_dict.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"Non-finite loss at iteration {iteration}: "
-                    f"{ {k: float(v) for k, v in loss_dict.items()} }. Lower the LR or the kd weights."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(parameters, clip_grad_norm)
-            optimizer.step()
-            scheduler.step()
-
-            for name, value in loss_dict.items():
-                window[name] = window.get(name, 0.0) + float(value.detach())
-            window["loss"] = window.get("loss", 0.0) + float(loss.detach())
-            window_steps += 1
-            if iteration % log_every == 0 or iteration == iterations:
-                means = {name: total / window_steps for name, total in window.items()}
-                elapsed = time.perf_counter() - start
-                eta = elapsed / iteration * (iterations - iteration)
-                kd = "".join(f" {k}={v:.4f}" for k, v in means.items() if k.startswith("kd_"))
-                print(
-                    f"  it {iteration:>5d}/{iterations}  loss {means['loss']:.4f}{kd}  "
-                    f"lr {optimizer.param_groups[0]['lr']:.2e}  {elapsed / iteration:.2f}s/it  eta {_format_seconds(eta)}",
-                    flush=True,
-                )
-                if log is not None:
-                    record: dict[str, Any] = {
-                        "iteration": iteration,
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "seconds": round(elapsed, 3),
-                        "losses": means,
-                    }
-                    last_terms = getattr(model_or_distiller, "last_terms", None)
-                    if last_terms:
-                        record["kd_terms_last_step"] = {
-                            key: {"unscaled": float(v["unscaled"]), "weight": float(v["weight"])}
-                            for key, v in last_terms.items()
-                        }
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                final_losses, window, window_steps = means, {}, 0
+            loss_dict, loss = _training_step(
+                model_or_distiller, images, targets, optimizer, scheduler, parameters, clip_grad_norm, iteration
+            )
+            progress.add(loss_dict, loss)
+            elapsed = time.perf_counter() - start
+            progress.maybe_log(
+                iteration, optimizer.param_groups[0]["lr"], elapsed, elapsed / iteration,
+                getattr(model_or_distiller, "last_terms", None),
+            )  # fmt: skip
     finally:
-        if log is not None:
-            log.close()
+        progress.close()
     seconds = time.perf_counter() - start
     return {
         "iterations": iterations,
         "seconds": seconds,
         "seconds_per_iteration": seconds / iterations,
-        "final_losses": final_losses,
+        "final_losses": progress.final_losses,
     }
 
 
@@ -197,6 +354,39 @@ def evaluate(model: nn.Module, data_loader, dataset) -> tuple[dict[str, Any], li
     return metrics, results, images_seen / max(model_seconds, 1e-9)
 
 
+# --- distributed helpers -------------------------------------------------------------------
+def init_distributed() -> tuple[int, int]:
+    """``(rank, world_size)``. Under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set)
+    initialise the default process group -- NCCL with one GPU per local rank when CUDA is
+    available, else gloo on CPU -- once; otherwise a no-op returning ``(0, 1)``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if not dist.is_available():
+        raise RuntimeError("Launched by torchrun, but this torch build has no torch.distributed.")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl", init_method="env://")
+    else:
+        dist.init_process_group("gloo", init_method="env://")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main_process() -> bool:
+    """True outside distributed training and on rank 0 inside it."""
+    return not _distributed() or dist.get_rank() == 0
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# --- checkpoints, RNG states ---------------------------------------------------------------
 def save_checkpoint(path: Union[str, os.PathLike], state: dict[str, Any]) -> None:
     """``torch.save(state)`` atomically: a temporary file in the same folder, then ``os.replace``,
     so a crash never leaves a truncated checkpoint where a complete one is expected."""
@@ -210,3 +400,423 @@ def save_checkpoint(path: Union[str, os.PathLike], state: dict[str, Any]) -> Non
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every global RNG as plain data that ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),  # (5056,) uint8
+        # The current device only: get_rng_state_all() would create a context on every GPU.
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),  # (624,) uint32 as int64
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {"version": int(version), "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"][0])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
+
+
+def _gathered_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG states, indexed by rank (a collective under DDP)."""
+    state = _rng_state()
+    if not _distributed():
+        return [state]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+# --- run_training ---------------------------------------------------------------------------
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped training after a step; a checkpoint of that step is on disk.
+
+    A CLI should print the message (one line) and exit with :data:`INTERRUPTED_EXIT_CODE`."""
+
+    exit_code = INTERRUPTED_EXIT_CODE
+
+    def __init__(self, message: str, checkpoint: Path, iteration: int, signal_name: str) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.iteration = iteration
+        self.signal_name = signal_name
+
+
+@dataclass
+class TrainingJob:
+    """One resumable training phase.
+
+    Args:
+        model: a torchvision detector or a :class:`~densekd.distiller.Distiller` (a loss dict in
+            train mode), on the device to train on.
+        dataset: yields ``(image (3, H, W) tensor, target dict)``.
+        sampler: a :mod:`densekd.data.samplers` sampler (``set_epoch``/``skip``/``len``),
+            already sharded for this rank.
+        batch_size: images per step on this rank.
+        optim: optimizer and LR schedule settings.
+        output_dir: where ``<name>.ckpt`` and ``<name>.jsonl`` live.
+        name: the phase's name.
+        checkpoint_every: steps between checkpoints (one is also written at the end).
+        log_every: steps between progress lines / JSONL records (and at the end).
+        num_workers: DataLoader worker processes (resume is bitwise-exact with 0).
+        epoch_hooks: ``f(epoch)`` called at each epoch start (and at the resumed epoch).
+        iteration_hooks: ``f(iteration)`` called before each step, before its batch is loaded,
+            with the number of steps already done (0-based), e.g. an augmentation-strength
+            schedule. Worker processes (``num_workers > 0``) hold copies of the dataset made
+            when each epoch's iterator starts, so hooks that change the data reach the batches
+            only with ``num_workers=0``.
+    """
+
+    model: nn.Module
+    dataset: torch.utils.data.Dataset
+    sampler: Any
+    batch_size: int
+    optim: OptimSection
+    output_dir: Path
+    name: str
+    checkpoint_every: int = 100
+    log_every: int = 50
+    num_workers: int = 0
+    epoch_hooks: list[Callable[[int], None]] = dataclasses.field(default_factory=list)
+    iteration_hooks: list[Callable[[int], None]] = dataclasses.field(default_factory=list)
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag that the loop reads after each step (main thread only).
+    A repeated signal, after a short grace period, aborts at once with KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self.first_at = 0.0
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum, self.first_at = signum, time.monotonic()
+        elif time.monotonic() - self.first_at > _REPEAT_SIGNAL_GRACE_S:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _to_device(images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device):
+    if device.type == "cpu":
+        return images, targets
+    images = [image.to(device, non_blocking=True) for image in images]
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def _check_job(job: TrainingJob) -> None:
+    for field in ("batch_size", "checkpoint_every", "log_every"):
+        if getattr(job, field) < 1:
+            raise ValueError(f"TrainingJob.{field} must be >= 1, got {getattr(job, field)}")
+    if job.num_workers < 0:
+        raise ValueError(f"TrainingJob.num_workers must be >= 0, got {job.num_workers}")
+    if job.optim.iterations < 1:
+        raise ValueError(f"optim.iterations must be >= 1, got {job.optim.iterations}")
+    if job.optim.optimizer not in OPTIMIZERS:
+        raise ValueError(unknown_name_message("optimizer", job.optim.optimizer, OPTIMIZERS))
+    if job.optim.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(unknown_name_message("lr_schedule", job.optim.lr_schedule, LR_SCHEDULES))
+
+
+def _resume_settings(job: TrainingJob, world_size: int) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: the schedule and the per-rank sample count."""
+    return {"optim": dataclasses.asdict(job.optim), "batch_size": job.batch_size, "world_size": world_size}
+
+
+def _check_resumable(path: Path, state: dict[str, Any], settings: dict[str, Any]) -> None:
+    stored = {"optim": state["optim"], "batch_size": state["batch_size"], "world_size": state["world_size"]}
+    differences = [
+        f"optim.{key}: {stored['optim'].get(key)!r} -> {settings['optim'].get(key)!r}"
+        for key in sorted(set(stored["optim"]) | set(settings["optim"]))
+        if stored["optim"].get(key) != settings["optim"].get(key)
+    ]
+    differences += [f"{key}: {stored[key]!r} -> {settings[key]!r}" for key in ("batch_size", "world_size") if stored[key] != settings[key]]
+    if differences:
+        raise ValueError(
+            f"Cannot resume from {path}: it was written with different settings ({'; '.join(differences)}); "
+            "continuing would silently change the LR schedule or the data order. Restore the original "
+            "settings, or start over: delete the checkpoint or pick another output directory."
+        )
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a run_training checkpoint (format {CHECKPOINT_FORMAT}); delete it or pick another output directory.")
+    return state
+
+
+def _truncate_log(log_path: Path, last_iteration: int) -> None:
+    """Drop JSONL records past the checkpoint (written by the run that was interrupted after it)."""
+    if not log_path.exists():
+        return
+    kept = []
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        try:
+            if int(json.loads(line)["iteration"]) <= last_iteration:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _loader_seed(sampler: Any, epoch: int) -> int:
+    """Seed of the loader's own generator (worker seeds), so the loader never draws from the
+    global torch RNG: a resumed run must see the global RNG exactly as the checkpoint left it."""
+    return (int(getattr(sampler, "seed", 0)) * 1_000_003 + epoch) % (2**63)
+
+
+def run_training(job: TrainingJob, resume: bool = False) -> dict[str, Any]:
+    """Train ``job.model`` for ``job.optim.iterations`` steps; checkpointed, resumable, interruptible.
+
+    * Optimizer ``optim.optimizer`` ("adamw", "sgd") over ``trainable_parameters()`` (a
+      Distiller) or the parameters with ``requires_grad``; LR: linear warm-up over
+      ``warmup_iters``, then "cosine" to 0 or "step" (times ``lr_gamma`` at each of
+      ``lr_milestones``); gradients clipped to ``clip_grad_norm`` unless None; ``amp``:
+      bfloat16 autocast, CUDA only.
+    * Data: a DataLoader over ``job.dataset`` with ``job.sampler`` (``drop_last``); at each epoch
+      start ``sampler.set_epoch(epoch)`` and every epoch hook; before each step every iteration
+      hook with the steps done so far.
+    * Checkpoint ``<output_dir>/<name>.ckpt`` (atomic) every ``checkpoint_every`` steps, on
+      SIGINT/SIGTERM and at the end: model, optimizer, scheduler, position (iteration, epoch,
+      samples this rank consumed in the epoch), every RNG state of every rank, the logging
+      window, the settings, and ``finished``. ``resume=True`` continues from it (nothing to
+      resume: start from scratch; finished: load the weights and return the stored summary);
+      different iterations / optimizer settings / batch size / world size are refused.
+      Without ``resume`` an existing checkpoint is overwritten.
+    * SIGINT/SIGTERM (main thread): the current step finishes, a checkpoint is written, and
+      :class:`TrainingInterrupted` is raised; the previous handlers are restored.
+    * Logging (rank 0): a progress line every ``log_every`` steps and at the end, a JSONL record
+      in ``<output_dir>/<name>.jsonl`` (records past a resumed checkpoint are dropped), and
+      TensorBoard scalars under ``<output_dir>/tensorboard/<name>`` when tensorboard is installed.
+    * Distributed (``torch.distributed`` initialised, see :func:`init_distributed`): the model is
+      wrapped in DistributedDataParallel, ranks agree on stopping, rank 0 writes the files.
+
+    Determinism: with ``num_workers=0`` an interrupted-and-resumed run ends with the same
+    weights, bit for bit, as an uninterrupted one (same device, same thread count).
+
+    Returns:
+        ``{"iterations", "seconds", "seconds_per_iteration", "final_losses"}``: ``seconds``
+        counts every session; ``final_losses`` the loss means of the last logging window
+        (this rank's).
+    """
+    _check_job(job)
+    optim = job.optim
+    distributed = _distributed()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    main = rank == 0
+    model = _unwrap(job.model)
+    device = _model_device(model)
+    if optim.amp and device.type != "cuda":
+        raise ValueError(f"amp needs a CUDA device, but the model is on {device}; set optim.amp=false.")
+    output_dir = Path(job.output_dir)
+    path = output_dir / f"{job.name}.ckpt"
+    log_path = output_dir / f"{job.name}.jsonl"
+    settings = _resume_settings(job, world_size)
+
+    state = _load_checkpoint(path) if resume and path.exists() else None
+    if state is not None:
+        _check_resumable(path, state, settings)
+        if state["finished"]:
+            model.load_state_dict(state["model"])
+            if main:
+                print(f"  {job.name}: finished earlier ({path}); loaded its weights", flush=True)
+            return state["summary"]
+
+    parameters = _trainable_parameters(model)
+    optimizer = build_optimizer(parameters, optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(optim))
+    iteration, epoch, consumed, previous_seconds = 0, 0, 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        iteration, epoch, consumed = int(state["iteration"]), int(state["epoch"]), int(state["samples_in_epoch"])
+        previous_seconds = float(state["seconds"])
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in output_dir.glob(f".{path.name}.*.tmp"):  # left by a kill during a checkpoint write
+            stale.unlink(missing_ok=True)
+        if state is not None:
+            _truncate_log(log_path, iteration)
+            print(f"  {job.name}: resuming from {path} at iteration {iteration}/{optim.iterations}", flush=True)
+    progress = _Progress(
+        optim.iterations, job.log_every, log_path, "a" if state is not None else "w",
+        output_dir / "tensorboard" / job.name, iteration, enabled=main,
+    )  # fmt: skip
+    if state is not None:
+        progress.load_state_dict(state["progress"])
+
+    train_model: nn.Module = model
+    if distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # A Distiller's connectors get no gradient while its kd warm-up lasts.
+            find_unused_parameters=hasattr(model, "trainable_parameters"),
+        )
+    loader_generator = torch.Generator()
+    loader = torch.utils.data.DataLoader(
+        job.dataset,
+        batch_size=job.batch_size,
+        sampler=job.sampler,
+        num_workers=job.num_workers,
+        collate_fn=collate_detection,
+        drop_last=True,
+        generator=loader_generator,
+        pin_memory=device.type == "cuda",
+    )
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if optim.amp else contextlib.nullcontext
+    stop = _StopRequest()
+    session_start, session_start_iteration = time.perf_counter(), iteration
+
+    def elapsed() -> float:
+        return previous_seconds + time.perf_counter() - session_start
+
+    def summary() -> dict[str, Any]:
+        seconds = elapsed()
+        return {
+            "iterations": optim.iterations,
+            "seconds": seconds,
+            "seconds_per_iteration": seconds / optim.iterations,
+            "final_losses": progress.final_losses,
+        }
+
+    def checkpoint(finished: bool) -> None:
+        rng_states = _gathered_rng_states()  # collective: every rank calls checkpoint()
+        if main:
+            save_checkpoint(
+                path,
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "iteration": iteration,
+                    "epoch": epoch,
+                    "samples_in_epoch": consumed,
+                    "rng": rng_states,
+                    "progress": progress.state_dict(),
+                    "seconds": elapsed(),
+                    "finished": finished,
+                    "summary": summary() if finished else None,
+                    "name": job.name,
+                    **settings,
+                },
+            )
+        if distributed:
+            dist.barrier()
+
+    def stop_requested() -> bool:
+        if not distributed:
+            return stop.signum is not None
+        flag = torch.tensor([1.0 if stop.signum is not None else 0.0], device=device if device.type == "cuda" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # all ranks stop after the same step
+        return bool(flag.item())
+
+    if state is not None:
+        _set_rng_state(state["rng"][rank])  # last, right before the first step
+    train_model.train()
+    hooked_iteration = -1
+    stop.install()
+    try:
+        while iteration < optim.iterations:
+            job.sampler.set_epoch(epoch)
+            if consumed:
+                job.sampler.skip(consumed)
+            for hook in job.epoch_hooks:
+                hook(epoch)
+            loader_generator.manual_seed(_loader_seed(job.sampler, epoch))
+            batches = iter(loader)
+            yielded = False
+            while True:
+                if hooked_iteration != iteration:  # before the batch is loaded, once per step
+                    for hook in job.iteration_hooks:
+                        hook(iteration)
+                    hooked_iteration = iteration
+                try:
+                    images, targets = next(batches)
+                except StopIteration:
+                    break
+                yielded = True
+                images, targets = _to_device(images, targets, device)
+                loss_dict, loss = _training_step(
+                    train_model, images, targets, optimizer, scheduler, parameters, optim.clip_grad_norm,
+                    iteration + 1, autocast,
+                )  # fmt: skip
+                iteration += 1
+                consumed += job.batch_size
+                progress.add(loss_dict, loss)
+                session_rate = (time.perf_counter() - session_start) / (iteration - session_start_iteration)
+                progress.maybe_log(
+                    iteration, optimizer.param_groups[0]["lr"], elapsed(), session_rate, getattr(model, "last_terms", None)
+                )
+                finished = iteration == optim.iterations
+                interrupted = stop_requested()
+                if finished or interrupted or iteration % job.checkpoint_every == 0:
+                    checkpoint(finished)
+                if finished:
+                    break
+                if interrupted:
+                    name = signal.Signals(stop.signum).name if stop.signum is not None else "a signal on another rank"
+                    raise TrainingInterrupted(
+                        f"{job.name}: stopped by {name} at iteration {iteration}/{optim.iterations}; checkpoint "
+                        f"saved to {path}. Run the same command again with resume (e.g. --resume) to continue.",
+                        path, iteration, name,
+                    )  # fmt: skip
+            if iteration >= optim.iterations:
+                break
+            if not yielded and consumed == 0:
+                raise ValueError(
+                    f"The data loader yields no batch: {len(job.sampler)} samples per epoch on this rank, "
+                    f"batch_size {job.batch_size} with drop_last. Use a smaller batch_size or more data."
+                )
+            epoch, consumed = epoch + 1, 0
+    finally:
+        stop.restore()
+        progress.close()
+    if distributed:
+        # DDP syncs buffers (BatchNorm statistics) at the start of a forward; after the last one
+        # each rank holds its own. Return rank 0's, the ones in the checkpoint, on every rank.
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+    return summary()

@@ -1,22 +1,21 @@
-"""Train a teacher, a baseline student and a distilled student on densekd's embedded
-synthetic long-tailed dataset, evaluate all three and print one table.
+"""Distil a detector and say, with COCO and LVIS-style metrics, what it gained.
 
-    python tools/train_det.py            # the demo (about 15 min on 2 free CPU cores; the teacher is cached)
-    python tools/train_det.py --quick    # the same pipeline on a tiny budget (< 3 min; little signal)
+    python tools/train_det.py                       # the demo on the embedded long-tailed dataset
+    python tools/train_det.py --quick               # the same pipeline on a tiny budget (smoke run)
+    python tools/train_det.py --recipe long_tail    # any recipe of configs/recipes/
+    python tools/train_det.py --config FILE --train-ann A.json --train-images DIR \\
+        --val-ann B.json --val-images DIR [--teacher-ckpt T.pth] [--output DIR]
+    torchrun --nproc_per_node 2 tools/train_det.py ...   # data-parallel (gloo on CPU, nccl on GPU)
 
-The teacher is cached under ``$DENSEKD_CACHE/teachers`` (default ``~/.cache/densekd``), keyed by
-a hash of its training config and of the dataset, so a second run trains only the students.
-Baseline and distilled students start from identical weights and see the same batches in the
-same order; the only difference is the distillation terms.
+It trains (or reuses from the cache) the teacher, trains a baseline and a distilled student
+with the same budget, seed and batches, evaluates all three and prints one table. Each phase
+checkpoints; ``--resume`` continues an interrupted run where it stopped.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -24,111 +23,58 @@ from pathlib import Path
 
 import torch
 
-from densekd import Distiller, Term
-from densekd.data import CocoDetectionDataset, SyntheticConfig, collate_detection, config_hash, ensure_synthetic_dataset
-from densekd.engine import COCO_COLUMNS, LVIS_COLUMNS, evaluate, save_checkpoint, train
+from densekd.config import ConfigError, load_experiment_config
+from densekd.data import CocoDetectionDataset, collate_detection
+from densekd.engine import COCO_COLUMNS, LVIS_COLUMNS, TrainingInterrupted, evaluate, init_distributed, is_main_process, save_checkpoint
 from densekd.evaluation import format_metrics_table, save_results
-from densekd.models import build_detector
+from densekd.experiment import data_files, prepare_teachers, train_student
 
-TEACHER = "fcos_resnet34_fpn128"
-STUDENT = "fcos_resnet18_fpn64"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "experiments" / "demo.yaml"
 MODELS = ("teacher", "baseline", "distilled")
-
-# Budgets: (teacher iterations, student iterations, synthetic dataset config).
-# The teacher budget was cut from 1000 to 500 iterations to keep the first (uncached) run
-# near 15 minutes on a shared 2-core CPU.
-FULL = dict(teacher_iters=500, student_iters=300, data=SyntheticConfig())
-QUICK = dict(teacher_iters=60, student_iters=30, data=SyntheticConfig(num_train=300, num_val=48))
+# --quick: the same pipeline on a tiny dataset and budget, for smoke tests (little signal).
+QUICK_OVERRIDES = [
+    "data.synthetic={num_train: 300, num_val: 48}",
+    "teacher_optim.iterations=60",
+    "teacher_optim.warmup_iters=10",
+    "optim.iterations=30",
+    "optim.warmup_iters=10",
+    "log_every=10",
+    "checkpoint_every=10",
+]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="runs/train_det", help="folder for metrics, detections and weights")
-    parser.add_argument("--quick", action="store_true", help="tiny budget and dataset: a smoke run, little signal")
-    parser.add_argument("--teacher-iters", type=int, default=None, help="default: 500 (quick: 60)")
-    parser.add_argument("--student-iters", type=int, default=None, help="default: 300 (quick: 30)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--warmup-iters", type=int, default=None, help="default: 50 (quick: 10)")
-    parser.add_argument("--clip-grad-norm", type=float, default=10.0)
-    parser.add_argument("--logit-kd-weight", type=float, default=1.0, help="weight of binary KD on cls_logits")
-    parser.add_argument("--cwd-weight", type=float, default=0.2, help="weight of CWD on FPN levels 0, 1, 2, p6")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--log-every", type=int, default=None, help="default: 50 (quick: 10)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML (default: the demo)")
+    parser.add_argument("--recipe", help="a recipe of configs/recipes/ (replaces the config's recipe)")
+    parser.add_argument("--quick", action="store_true", help="tiny dataset and budget: a smoke run, little signal")
+    parser.add_argument("--train-ann", help="COCO/LVIS-format training annotations (switches data to 'coco')")
+    parser.add_argument("--train-images", help="folder of the training images")
+    parser.add_argument("--val-ann", help="COCO/LVIS-format validation annotations")
+    parser.add_argument("--val-images", help="folder of the validation images")
+    parser.add_argument("--teacher-ckpt", help="teacher weights (state_dict or a densekd checkpoint); skips teacher training")
+    parser.add_argument("--output", default="runs/train_det", help="folder for checkpoints, logs, metrics and weights")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=0.01")
+    parser.add_argument("--resume", action="store_true", help="continue the phases checkpointed in --output")
     parser.add_argument("--retrain-teacher", action="store_true", help="ignore a cached teacher")
-    args = parser.parse_args(argv)
-    budget = QUICK if args.quick else FULL
-    args.teacher_iters = args.teacher_iters or budget["teacher_iters"]
-    args.student_iters = args.student_iters or budget["student_iters"]
-    args.log_every = args.log_every or (10 if args.quick else 50)
-    args.warmup_iters = (10 if args.quick else 50) if args.warmup_iters is None else args.warmup_iters
-    args.data = budget["data"]
-    return args
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
+    return parser.parse_args(argv)
 
 
-def cache_root() -> Path:
-    cache = os.environ.get("DENSEKD_CACHE")
-    return Path(cache).expanduser() if cache else Path.home() / ".cache" / "densekd"
-
-
-def make_loader(dataset, batch_size: int, shuffle: bool, seed: int) -> torch.utils.data.DataLoader:
-    # num_workers=0: decoding a 96 px PNG costs ~1 ms, a training step hundreds; a worker
-    # process would only compete with the model for the 2 cores.
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-        num_workers=0, collate_fn=collate_detection, drop_last=shuffle,
-    )  # fmt: skip
-
-
-def optimizer_settings(args) -> dict:
-    return dict(
-        lr=args.lr, weight_decay=args.weight_decay, warmup_iters=args.warmup_iters,
-        clip_grad_norm=args.clip_grad_norm, log_every=args.log_every,
-    )  # fmt: skip
-
-
-def teacher_key(args, num_classes: int) -> str:
-    """Hash of everything that determines the trained teacher."""
-    payload = {
-        "model": TEACHER, "num_classes": num_classes, "image_size": args.data.image_size,
-        "iterations": args.teacher_iters, "batch_size": args.batch_size, "lr": args.lr,
-        "weight_decay": args.weight_decay, "warmup_iters": args.warmup_iters,
-        "clip_grad_norm": args.clip_grad_norm, "seed": args.seed, "dataset": config_hash(args.data),
-    }  # fmt: skip
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def get_teacher(args, train_set, output: Path) -> tuple[torch.nn.Module, dict]:
-    num_classes, image_size = train_set.num_classes, args.data.image_size
-    path = cache_root() / "teachers" / f"{TEACHER}-{teacher_key(args, num_classes)}.pth"
-    torch.manual_seed(args.seed)
-    teacher = build_detector(TEACHER, num_classes, image_size)
-    if path.is_file() and not args.retrain_teacher:
-        print(f"[teacher] reusing cached {path}", flush=True)
-        state = torch.load(path, weights_only=True, map_location="cpu")
-        teacher.load_state_dict(state["model"], strict=True)
-        return teacher, {"cached": str(path), "train": state.get("train")}
-    print(f"[teacher] training {TEACHER} for {args.teacher_iters} iterations", flush=True)
-    loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed)
-    summary = train(teacher, loader, args.teacher_iters, **optimizer_settings(args), log_file=output / "train_teacher.jsonl")
-    save_checkpoint(path, {"model": teacher.state_dict(), "train": _jsonable(summary)})
-    print(f"[teacher] cached at {path}", flush=True)
-    return teacher, {"cached": None, "train": _jsonable(summary)}
-
-
-def build_student(args, num_classes: int) -> torch.nn.Module:
-    torch.manual_seed(args.seed + 1)  # identical initial weights for baseline and distilled
-    return build_detector(STUDENT, num_classes, args.data.image_size)
-
-
-def distillation_terms(args) -> list[Term]:
-    return [
-        Term("binary_kd", on="cls_logits", temperature=2.0, confidence_weighting=True, weight=args.logit_kd_weight),
-        Term("cwd", on="features", temperature=4.0, levels=["0", "1", "2", "p6"], weight=args.cwd_weight),
-    ]
+def overrides_from(args: argparse.Namespace) -> list[str]:
+    overrides = list(QUICK_OVERRIDES) if args.quick else []
+    if args.recipe:
+        overrides.append(f"recipe={args.recipe}")
+    real_data = [args.train_ann, args.train_images, args.val_ann, args.val_images]
+    if any(real_data):
+        if not all(real_data):
+            raise ConfigError("real data needs all four of --train-ann, --train-images, --val-ann, --val-images.")
+        overrides += ["data.dataset=coco", f"data.train_ann={args.train_ann}", f"data.train_images={args.train_images}",
+                      f"data.val_ann={args.val_ann}", f"data.val_images={args.val_images}"]  # fmt: skip
+    if args.teacher_ckpt:
+        overrides.append(f"teacher.checkpoint={args.teacher_ckpt}")
+    return overrides + list(args.set)
 
 
 def _jsonable(value):
@@ -137,12 +83,14 @@ def _jsonable(value):
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no nan; undefined metrics are null
+        return None  # JSON has no NaN: undefined metrics are null
+    if isinstance(value, Path):
+        return str(value)
     return value
 
 
 def results_table(rows: dict[str, dict]) -> str:
-    """Metrics in percent (format_metrics_table), then params (M) and images/s as plain numbers."""
+    """Metrics in percent (format_metrics_table), then params (M) and images/s."""
     metric_lines = format_metrics_table(rows, list(COCO_COLUMNS + LVIS_COLUMNS)).split("\n")
     width = max(len(line) for line in metric_lines)
     extra = [("params (M)", "params_millions", "{:.2f}"), ("img/s", "images_per_second", "{:.1f}")]
@@ -154,54 +102,54 @@ def results_table(rows: dict[str, dict]) -> str:
     )
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+def run(args: argparse.Namespace) -> int:
+    overrides = overrides_from(args)
+    config = load_experiment_config(args.config, overrides)
+    rank, world_size = init_distributed()
+    main = is_main_process()
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    mode = "QUICK smoke run: tiny dataset and budget, expect little or no signal" if args.quick else "full demo"
-    print(
-        f"densekd train_det ({mode}): teacher {TEACHER} {args.teacher_iters} it, students {STUDENT} "
-        f"{args.student_iters} it, batch {args.batch_size}, {args.threads} threads",
-        flush=True,
-    )
+    if main:
+        mode = "QUICK smoke run: tiny dataset and budget, expect little or no signal" if args.quick else "full run"
+        print(
+            f"densekd train_det ({mode}): recipe {config.recipe}, teacher {config.teacher.name} "
+            f"{config.teacher_optim.iterations} it, students {config.student.name} {config.optim.iterations} it, "
+            f"batch {config.data.batch_size} x {world_size} process(es), {args.threads} threads",
+            flush=True,
+        )
 
     t = time.perf_counter()
-    paths = ensure_synthetic_dataset(config=args.data)
-    train_set = CocoDetectionDataset(paths.train_images, paths.train_ann)
-    val_set = CocoDetectionDataset(paths.val_images, paths.val_ann)
-    val_loader = make_loader(val_set, 16, shuffle=False, seed=args.seed)
+    files = data_files(config)
+    val_set = CocoDetectionDataset(files.val_images, files.val_ann)
+    num_classes = val_set.num_classes
     timings["data"] = time.perf_counter() - t
-    print(f"[data] {len(train_set)} train / {len(val_set)} val images, {train_set.num_classes} classes, {paths.root}")
 
     t = time.perf_counter()
-    teacher, teacher_info = get_teacher(args, train_set, output)
-    timings["teacher_train"] = time.perf_counter() - t
+    teachers, teacher_info = prepare_teachers(config, files, num_classes, rank, world_size, retrain=args.retrain_teacher)
+    timings["teacher"] = time.perf_counter() - t
+    self_distilled = bool((config.distill or {}).get("self_distillation"))
 
-    t = time.perf_counter()
-    print(f"[baseline] training {STUDENT} for {args.student_iters} iterations", flush=True)
-    baseline = build_student(args, train_set.num_classes)
-    loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed + 2)
-    baseline_summary = train(baseline, loader, args.student_iters, **optimizer_settings(args), log_file=output / "train_baseline.jsonl")
-    save_checkpoint(output / "student_baseline.pth", baseline.state_dict())
-    timings["baseline_train"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    print(f"[distilled] training {STUDENT} for {args.student_iters} iterations with KD from the teacher", flush=True)
-    student = build_student(args, train_set.num_classes)
-    terms = distillation_terms(args)
-    distiller = Distiller(student, teacher, terms, probe_size=args.data.image_size)
-    loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed + 2)  # same batches as the baseline
-    distilled_summary = train(distiller, loader, args.student_iters, **optimizer_settings(args), log_file=output / "train_distilled.jsonl")
-    save_checkpoint(output / "student_distilled.pth", distiller.student.state_dict())
-    timings["distilled_train"] = time.perf_counter() - t
-
-    rows: dict[str, dict] = {}
-    for name, model in zip(MODELS, (teacher, baseline, distiller.student)):
+    students, summaries = {}, {}
+    for name, phase_teachers in (("baseline", None), ("distilled", [] if self_distilled else teachers)):
         t = time.perf_counter()
-        metrics, results, images_per_second = evaluate(model, val_loader, val_set)
+        if main:
+            print(f"[{name}] training {config.student.name} for {config.optim.iterations} iterations", flush=True)
+        students[name], summaries[name] = train_student(
+            config, files, num_classes, phase_teachers, output, name, args.resume, rank, world_size
+        )
+        if main:
+            save_checkpoint(output / f"student_{name}.pth", students[name].state_dict())
+        timings[f"{name}_train"] = time.perf_counter() - t
+    if not main:
+        return 0
+
+    loader = torch.utils.data.DataLoader(val_set, batch_size=16, collate_fn=collate_detection)
+    rows: dict[str, dict] = {}
+    for name, model in zip(MODELS, (teachers[0], students["baseline"], students["distilled"])):
+        t = time.perf_counter()
+        metrics, results, images_per_second = evaluate(model, loader, val_set)
         metrics["params_millions"] = sum(p.numel() for p in model.parameters()) / 1e6
         metrics["images_per_second"] = images_per_second
         rows[name] = metrics
@@ -210,38 +158,39 @@ def main(argv=None) -> int:
     timings["total"] = time.perf_counter() - started
 
     table = results_table(rows)
-    print(f"\nval split ({len(val_set)} images), AP in percent; students trained {args.student_iters} iterations\n")
+    print(f"\nval split ({len(val_set)} images), AP in percent; students trained {config.optim.iterations} iterations\n")
     print(table)
-    beat = {m: rows["distilled"][m] > rows["baseline"][m] for m in ("AP", "APr")}
-    print(f"\ndistilled vs baseline: AP {100 * (rows['distilled']['AP'] - rows['baseline']['AP']):+.1f}, "
-          f"APr {100 * (rows['distilled']['APr'] - rows['baseline']['APr']):+.1f}")  # fmt: skip
+    gain = {m: rows["distilled"][m] - rows["baseline"][m] for m in ("AP", "APr", "APf")}
+    print("\ndistilled vs baseline: " + ", ".join(f"{m} {100 * g:+.1f}" for m, g in gain.items()))
     print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
-
     report = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "regime": {
-            "note": f"students trained {args.student_iters} iterations (batch {args.batch_size}); "
-            f"teacher {args.teacher_iters} iterations" + (" (QUICK smoke run)" if args.quick else ""),
-            "quick": args.quick, "teacher": TEACHER, "student": STUDENT,
-            "teacher_iterations": args.teacher_iters, "student_iterations": args.student_iters,
-            "batch_size": args.batch_size, "threads": args.threads, "seed": args.seed,
-            "optimizer": {"name": "AdamW", **optimizer_settings(args), "schedule": "linear warm-up + cosine"},
-            "terms": [
-                {"loss": t.loss, "on": t.on, "weight": t.weight, "temperature": t.temperature, "levels": t.levels,
-                 "confidence_weighting": t.confidence_weighting}
-                for t in terms
-            ],
-            "dataset": {"config_hash": config_hash(args.data), **dataclasses.asdict(args.data)},
-        },  # fmt: skip
+        "overrides": overrides,
+        "config": config,
+        "regime": f"students trained {config.optim.iterations} iterations (batch {config.data.batch_size} x {world_size})",
         "models": rows,
-        "distilled_beats_baseline": beat,
-        "training": {"teacher": teacher_info, "baseline": baseline_summary, "distilled": distilled_summary},
+        "distilled_minus_baseline": gain,
+        "training": {"teachers": teacher_info, **summaries},
         "timings_seconds": timings,
         "table": table,
     }
+    report["config"] = json.loads(json.dumps(config, default=lambda o: o.__dict__))
     (output / "metrics.json").write_text(json.dumps(_jsonable(report), indent=2))
     print(f"wrote {output}/metrics.json, detections_*.json, student_baseline.pth, student_distilled.pth")
     return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    except ConfigError as error:
+        print(f"train_det: {error}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as interrupted:
+        print(f"train_det: {interrupted}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,206 @@
+"""From an :class:`~densekd.config.ExperimentConfig` to trained models: data, teachers,
+baseline and distilled students. ``tools/train_det.py`` is a thin CLI over this module.
+
+Every phase trains through :func:`densekd.engine.run_training`, so each one checkpoints
+and resumes on its own; the teacher lives in the cache (``$DENSEKD_CACHE/teachers``)
+keyed by everything that determines it, and is reused by later runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .config import (
+    ExperimentConfig,
+    ModelSection,
+    OptimSection,
+    build_terms,
+    distiller_kwargs,
+    parse_distillation_config,
+    resolve_schedule,
+)
+from .data import CocoDetectionDataset, SyntheticConfig, config_hash, ensure_synthetic_dataset
+from .data.mixing import MixedDetectionDataset
+from .data.samplers import build_sampler
+from .data.transforms import build_detection_transforms
+from .distiller import Distiller
+from .engine import TrainingJob, run_training
+from .models import build_detector, load_weights
+from .schedules import build_schedule
+
+
+def cache_root() -> Path:
+    cache = os.environ.get("DENSEKD_CACHE")
+    return Path(cache).expanduser() if cache else Path.home() / ".cache" / "densekd"
+
+
+@dataclass
+class DataFiles:
+    train_ann: Path
+    train_images: Path
+    val_ann: Path
+    val_images: Path
+    fingerprint: str  # identifies the training data for the teacher cache
+
+
+def data_files(config: ExperimentConfig) -> DataFiles:
+    """The annotation files and image folders the experiment trains and evaluates on."""
+    section = config.data
+    if section.dataset == "synthetic":
+        synthetic = SyntheticConfig(**section.synthetic)
+        paths = ensure_synthetic_dataset(config=synthetic)
+        return DataFiles(paths.train_ann, paths.train_images, paths.val_ann, paths.val_images, config_hash(synthetic))
+    if section.dataset != "coco":
+        raise ValueError(f"data.dataset must be 'synthetic' or 'coco', got {section.dataset!r}.")
+    files = {key: getattr(section, key) for key in ("train_ann", "train_images", "val_ann", "val_images")}
+    missing = [key for key, value in files.items() if not value or not Path(value).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"data.dataset is 'coco' but {', '.join(f'data.{k}={files[k]!r}' for k in missing)} "
+            "do not exist; pass --train-ann, --train-images, --val-ann and --val-images."
+        )
+    stat = Path(files["train_ann"]).stat()
+    fingerprint = hashlib.sha256(f"{Path(files['train_ann']).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return DataFiles(*(Path(files[k]) for k in ("train_ann", "train_images", "val_ann", "val_images")), fingerprint)
+
+
+@dataclass
+class TrainingData:
+    """One phase's training set with its sampler and the hooks that drive augmentation."""
+
+    dataset: torch.utils.data.Dataset
+    annotations: CocoDetectionDataset  # the unwrapped dataset: classes, counts, labels
+    sampler: Any
+    epoch_hooks: list[Callable[[int], None]] = field(default_factory=list)
+    iteration_hooks: list[Callable[[int], None]] = field(default_factory=list)
+
+
+def training_data(
+    config: ExperimentConfig, files: DataFiles, iterations: int, rank: int = 0, world_size: int = 1, augment: bool = True
+) -> TrainingData:
+    """Training set, sampler and augmentation for a phase of ``iterations`` steps."""
+    section = config.augment
+    transform = None
+    iteration_hooks: list[Callable[[int], None]] = []
+    epoch_hooks: list[Callable[[int], None]] = []
+    if augment and (section.hflip or section.scale_jitter or section.color_jitter):
+        strength_at = build_schedule(resolve_schedule(section.strength, iterations, "augment.strength"))
+        transform = build_detection_transforms(
+            strength=strength_at(0),
+            hflip=section.hflip,
+            scale_jitter=section.scale_jitter,
+            color_jitter=section.color_jitter,
+            seed=config.seed,
+        )
+        epoch_hooks.append(transform.set_epoch)
+        iteration_hooks.append(lambda iteration: transform.set_strength(strength_at(iteration)))
+    annotations = CocoDetectionDataset(files.train_images, files.train_ann, transforms=transform)
+    dataset: torch.utils.data.Dataset = annotations
+    if augment and (section.mixup_prob or section.cutmix_prob):
+        dataset = MixedDetectionDataset(
+            annotations, mixup_prob=section.mixup_prob, mixup_alpha=section.mixup_alpha,
+            cutmix_prob=section.cutmix_prob, seed=config.seed,
+        )  # fmt: skip
+        epoch_hooks.append(dataset.set_epoch)
+    sampler = build_sampler(
+        config.data.sampler, annotations, seed=config.seed, num_replicas=world_size, rank=rank,
+        rfs_threshold=config.data.rfs_threshold,
+    )  # fmt: skip
+    return TrainingData(dataset, annotations, sampler, epoch_hooks, iteration_hooks)
+
+
+def _model(section: ModelSection, num_classes: int) -> nn.Module:
+    model = build_detector(section.name, num_classes, section.image_size)
+    if section.checkpoint:
+        load_weights(model, section.checkpoint)
+    return model
+
+
+def _job(config: ExperimentConfig, model: nn.Module, data: TrainingData, optim: OptimSection, output: Path, name: str) -> TrainingJob:
+    return TrainingJob(
+        model=model, dataset=data.dataset, sampler=data.sampler, batch_size=config.data.batch_size,
+        optim=optim, output_dir=output, name=name, checkpoint_every=config.checkpoint_every,
+        log_every=config.log_every, num_workers=config.data.num_workers,
+        epoch_hooks=data.epoch_hooks, iteration_hooks=data.iteration_hooks,
+    )  # fmt: skip
+
+
+def teacher_cache_key(config: ExperimentConfig, section: ModelSection, seed: int, files: DataFiles, num_classes: int) -> str:
+    """Everything that determines a teacher trained here."""
+    payload = {
+        "model": dataclasses.asdict(section), "optim": dataclasses.asdict(config.teacher_optim),
+        "seed": seed, "data": files.fingerprint, "num_classes": num_classes,
+        "batch_size": config.data.batch_size, "sampler": config.data.sampler,
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def prepare_teachers(
+    config: ExperimentConfig, files: DataFiles, num_classes: int, rank: int = 0, world_size: int = 1, retrain: bool = False
+) -> tuple[list[nn.Module], list[dict[str, Any]]]:
+    """The experiment's teachers: loaded from their checkpoints, or trained once (without the
+    student's augmentation) and cached. Extra teacher i trains with seed ``seed + 1 + i``."""
+    sections = [config.teacher] + list(config.extra_teachers)
+    teachers, infos = [], []
+    for index, section in enumerate(sections):
+        seed = config.seed + index if index == 0 else config.seed + 1 + index
+        torch.manual_seed(seed)
+        model = _model(section, num_classes)
+        if section.checkpoint:
+            teachers.append(model)
+            infos.append({"checkpoint": section.checkpoint})
+            continue
+        key = teacher_cache_key(config, section, seed, files, num_classes)
+        folder = cache_root() / "teachers" / f"{section.name}-{key}"
+        phase_config = dataclasses.replace(config, seed=seed)
+        data = training_data(phase_config, files, config.teacher_optim.iterations, rank, world_size, augment=False)
+        summary = run_training(_job(phase_config, model, data, config.teacher_optim, folder, "teacher"), resume=not retrain)
+        teachers.append(model)
+        infos.append({"cache": str(folder), "train": summary})
+    return teachers, infos
+
+
+def train_student(
+    config: ExperimentConfig,
+    files: DataFiles,
+    num_classes: int,
+    teachers: Optional[list[nn.Module]],
+    output: Path,
+    name: str,
+    resume: bool,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a student from the seed's initial weights: plainly (``teachers=None``) or distilled
+    with the experiment's terms. Baseline and distilled students share initial weights, the
+    data pipeline (augmentation, mixing, sampler) and the batches, so the distillation terms
+    (and the recipe's label smoothing) are the only difference. Returns the plain torchvision
+    student and the training summary."""
+    torch.manual_seed(config.seed + 1000)  # identical initial weights for every student
+    student = _model(config.student, num_classes)
+    iterations = config.optim.iterations
+    distilled = teachers is not None
+    data = training_data(config, files, iterations, rank, world_size)
+    model: nn.Module = student
+    if distilled:
+        distillation = parse_distillation_config(config.distill or {"terms": []})
+        terms = build_terms(
+            distillation, data.annotations.image_counts, data.annotations.annotation_counts, total_iters=iterations
+        )
+        kwargs = distiller_kwargs(distillation, total_iters=iterations)
+        kwargs["label_smoothing"] = config.optim.label_smoothing
+        probe = dict(probe_size=config.student.image_size)
+        if "mode" in kwargs:
+            model = Distiller.self_distillation(student, terms, **kwargs, **probe)
+        else:
+            model = Distiller(student, teachers, terms, **kwargs, **probe)
+    summary = run_training(_job(config, model, data, config.optim, output, name), resume=resume)
+    return student, summary

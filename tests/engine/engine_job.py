@@ -1,0 +1,164 @@
+"""A tiny training job for the engine tests, importable (tiny model, dataset, job) and runnable as a
+script in a subprocess (kills, signals, torchrun).
+
+    python tests/engine/engine_job.py --out DIR [--resume] [--kill-at N] [--kill-in-save N] ...
+
+Exits with the engine's INTERRUPTED_EXIT_CODE after a SIGINT/SIGTERM, printing its message on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.resnet import BasicBlock, ResNet
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from densekd.config import OptimSection
+from densekd.data.samplers import RandomSampler
+from densekd.engine import TrainingInterrupted, TrainingJob, init_distributed, run_training
+
+IMAGE_SIZE = 64
+NUM_IMAGES = 16
+NUM_CLASSES = 3
+
+
+def tiny_fcos(seed: int = 0) -> FCOS:
+    """FCOS on a one-block-per-stage ResNet (BatchNorm: its running stats are state too) and a 32-channel FPN."""
+    torch.manual_seed(seed)
+    resnet = ResNet(BasicBlock, [1, 1, 1, 1])
+    backbone = BackboneWithFPN(
+        resnet, {"layer2": "0", "layer3": "1", "layer4": "2"}, [128, 256, 512], 32, extra_blocks=LastLevelP6P7(32, 32)
+    )
+    anchors = AnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((1.0,),) * 5)
+    return FCOS(backbone, num_classes=NUM_CLASSES + 1, anchor_generator=anchors, min_size=IMAGE_SIZE, max_size=IMAGE_SIZE)
+
+
+def tiny_model(kind: str) -> nn.Module:
+    student = tiny_fcos()
+    if kind == "fcos":
+        return student
+    if kind == "ema":  # self-distillation: an EMA teacher and an iteration buffer in the state_dict
+        from densekd import Distiller, Term
+
+        terms = [Term("binary_kd", on="cls_logits", temperature=2.0, weight=0.5)]
+        return Distiller.self_distillation(student, terms, mode="ema", ema_decay=0.9, warmup_iters=2, probe_size=IMAGE_SIZE)
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+class TinyDetectionData(torch.utils.data.Dataset):
+    """``NUM_IMAGES`` random 64 px images with 1-2 boxes each, fixed by ``seed``."""
+
+    def __init__(self, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.items = []
+        for index in range(NUM_IMAGES):
+            image = torch.rand(3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+            count = 1 + index % 2
+            xy = torch.rand(count, 2, generator=generator) * 32
+            wh = 8 + torch.rand(count, 2, generator=generator) * 24
+            boxes = torch.cat([xy, xy + wh], dim=1)
+            labels = torch.randint(1, NUM_CLASSES + 1, (count,), generator=generator)
+            self.items.append((image, {"boxes": boxes, "labels": labels, "image_id": index}))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        return self.items[index]
+
+
+def tiny_job(out: Path, iterations: int = 12, checkpoint_every: int = 4, model: str = "fcos", num_replicas: int = 1,
+             rank: int = 0, log_every: int = 4, **optim) -> TrainingJob:  # fmt: skip
+    settings = dict(iterations=iterations, lr=1e-3, warmup_iters=2, clip_grad_norm=10.0)
+    settings.update(optim)
+    return TrainingJob(
+        model=tiny_model(model),
+        dataset=TinyDetectionData(),
+        sampler=RandomSampler(NUM_IMAGES, seed=0, num_replicas=num_replicas, rank=rank),
+        batch_size=2,
+        optim=OptimSection(**settings),
+        output_dir=Path(out),
+        name="run",
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
+    )
+
+
+def weights_hash(model: nn.Module) -> tuple[str, str]:
+    """(repr of the float64 sum of the parameters, sha256 of every state_dict tensor's bytes)."""
+    total = sum(p.detach().double().sum() for p in model.parameters()).item()
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return repr(total), digest.hexdigest()
+
+
+def _kill_in_save(iteration: int) -> None:
+    """Die (SIGKILL) after the checkpoint of ``iteration`` is written to its temp file, before the rename."""
+    replace = os.replace
+
+    def dying_replace(source, destination, *args, **kwargs):
+        if str(destination).endswith(".ckpt") and int(torch.load(source, weights_only=True)["iteration"]) == iteration:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return replace(source, destination, *args, **kwargs)
+
+    os.replace = dying_replace
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="fcos", choices=["fcos", "ema"])
+    parser.add_argument("--iterations", type=int, default=12)
+    parser.add_argument("--checkpoint-every", type=int, default=4)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--kill-at", type=int, default=None, help="SIGKILL itself before step N+1 (N steps done)")
+    parser.add_argument("--kill-in-save", type=int, default=None, help="SIGKILL itself inside the checkpoint write of iteration N")
+    parser.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep before each step")
+    parser.add_argument("--print-iterations", action="store_true", help="print 'ITER n' before each step")
+    parser.add_argument("--dump", type=Path, default=None, help="torch.save the final model state_dict here")
+    parser.add_argument("--ddp", action="store_true", help="init_distributed() (torchrun) and shard the sampler")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    rank, world_size = init_distributed() if args.ddp else (0, 1)
+    job = tiny_job(args.out, args.iterations, args.checkpoint_every, args.model, num_replicas=world_size, rank=rank)
+
+    def hook(iteration: int) -> None:
+        if args.print_iterations:
+            print(f"ITER {iteration}", flush=True)
+        if args.kill_at is not None and iteration == args.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if args.sleep:
+            time.sleep(args.sleep)
+
+    job.iteration_hooks.append(hook)
+    if args.kill_in_save is not None:
+        _kill_in_save(args.kill_in_save)
+    try:
+        run_training(job, resume=args.resume)
+    except TrainingInterrupted as interrupted:
+        print(interrupted, file=sys.stderr, flush=True)
+        return interrupted.exit_code
+    if args.dump is not None:
+        torch.save(job.model.state_dict(), args.dump)
+    total, digest = weights_hash(job.model)
+    print(f"RANK {rank} SUM {total} SHA {digest}", flush=True)
+    if args.ddp:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Evaluate a detector checkpoint with COCO and LVIS-style metrics.
+
+    python tools/eval_det.py --ckpt runs/train_det/student_distilled.pth
+    python tools/eval_det.py --config FILE --ckpt C.pth --val-ann B.json --val-images DIR [--model teacher]
+
+The model is built from the experiment config (its student by default), the weights are
+loaded with ``weights_only=True`` (a state_dict or a densekd training checkpoint), and the
+table has the columns of ``tools/train_det.py``'s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from densekd.config import ConfigError, load_experiment_config
+from densekd.data import CocoDetectionDataset, collate_detection
+from densekd.engine import evaluate
+from densekd.evaluation import save_results
+from densekd.experiment import data_files
+from densekd.models import build_detector, load_weights
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+from train_det import DEFAULT_CONFIG, results_table  # noqa: E402  (one table format for both tools)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML that defines the model")
+    parser.add_argument("--ckpt", required=True, help="weights: a state_dict or a densekd training checkpoint")
+    parser.add_argument("--model", choices=("student", "teacher"), default="student", help="which model of the config")
+    parser.add_argument("--val-ann", help="COCO/LVIS-format annotations (default: the config's validation split)")
+    parser.add_argument("--val-images", help="folder of the validation images")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    parser.add_argument("--output", help="write metrics.json and detections.json here")
+    parser.add_argument("--threads", type=int, default=2)
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_experiment_config(args.config, args.set)
+    if bool(args.val_ann) != bool(args.val_images):
+        raise ConfigError("give both --val-ann and --val-images, or neither.")
+    if args.val_ann:
+        val_ann, val_images = Path(args.val_ann), Path(args.val_images)
+    else:
+        files = data_files(config)
+        val_ann, val_images = files.val_ann, files.val_images
+    dataset = CocoDetectionDataset(val_images, val_ann)
+    section = config.student if args.model == "student" else config.teacher
+    model = load_weights(build_detector(section.name, dataset.num_classes, section.image_size), args.ckpt)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16, collate_fn=collate_detection)
+    metrics, results, images_per_second = evaluate(model, loader, dataset)
+    metrics["params_millions"] = sum(p.numel() for p in model.parameters()) / 1e6
+    metrics["images_per_second"] = images_per_second
+    print(f"{val_ann} ({len(dataset)} images), AP in percent\n")
+    print(results_table({Path(args.ckpt).stem: metrics}))
+    if args.output:
+        output = Path(args.output)
+        output.mkdir(parents=True, exist_ok=True)
+        save_results(results, output / "detections.json")
+        clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()}
+        (output / "metrics.json").write_text(json.dumps({"checkpoint": args.ckpt, "metrics": clean}, indent=2))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"eval_det: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
