@@ -229,7 +229,7 @@ class ModelSection:
     name: str = ""  # a densekd.models builder or a torchvision detection builder
     image_size: int = 96
     checkpoint: Optional[str] = None  # state_dict or a densekd training checkpoint
-    weights: Optional[str] = None  # torchvision pretrained-weights name (needs the internet once)
+    weights: Optional[str] = None  # torchvision pretrained weights of a torchvision builder, e.g. "DEFAULT"
 
 
 @dataclass

@@ -22,7 +22,7 @@ import time
 from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -47,7 +47,6 @@ __all__ = [
     "is_main_process",
     "run_training",
     "save_checkpoint",
-    "train",
     "warmup_cosine",
     "warmup_step",
 ]
@@ -239,78 +238,6 @@ class _Progress:
             self.writer.close()
 
 
-# --- the older loop over a ready-made data loader -------------------------------------------
-def _cycle(data_loader) -> Iterator:
-    """Iterate a loader forever, epoch after epoch (a fresh shuffle each epoch)."""
-    while True:
-        yielded = False
-        for batch in data_loader:
-            yielded = True
-            yield batch
-        if not yielded:
-            raise ValueError("The data loader is empty; nothing to train on.")
-
-
-def train(
-    model_or_distiller: nn.Module,
-    data_loader,
-    iterations: int,
-    lr: float,
-    weight_decay: float,
-    warmup_iters: int,
-    clip_grad_norm: Optional[float],
-    log_every: int,
-    log_file: Union[str, os.PathLike, None] = None,
-) -> dict[str, Any]:
-    """Train for a fixed number of iterations, cycling through ``data_loader`` (no checkpoints,
-    no resume; :func:`run_training` has both).
-
-    AdamW over ``trainable_parameters()`` when the object has it (a Distiller: student and
-    connectors), else over ``parameters()``; LR warms up linearly over ``warmup_iters`` then
-    follows a cosine to 0; gradients are clipped to ``clip_grad_norm`` (None: no clipping).
-    Every ``log_every`` iterations (and at the last) prints one line and, with ``log_file``,
-    appends a JSON line holding every loss term (the weighted ``kd_*`` values as returned and,
-    for a Distiller, the unscaled values and weights from ``last_terms``).
-
-    Returns:
-        ``{"iterations", "seconds", "seconds_per_iteration", "final_losses"}``; the loss
-        values are the mean over the last logging window.
-    """
-    if iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}")
-    if log_every < 1:
-        raise ValueError(f"log_every must be >= 1, got {log_every}")
-    parameters = _trainable_parameters(model_or_distiller)
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(iterations, warmup_iters))
-    progress = _Progress(iterations, log_every, log_file)
-
-    model_or_distiller.train()
-    batches = _cycle(data_loader)
-    start = time.perf_counter()
-    try:
-        for iteration in range(1, iterations + 1):
-            images, targets = next(batches)
-            loss_dict, loss = _training_step(
-                model_or_distiller, images, targets, optimizer, scheduler, parameters, clip_grad_norm, iteration
-            )
-            progress.add(loss_dict, loss)
-            elapsed = time.perf_counter() - start
-            progress.maybe_log(
-                iteration, optimizer.param_groups[0]["lr"], elapsed, elapsed / iteration,
-                getattr(model_or_distiller, "last_terms", None),
-            )  # fmt: skip
-    finally:
-        progress.close()
-    seconds = time.perf_counter() - start
-    return {
-        "iterations": iterations,
-        "seconds": seconds,
-        "seconds_per_iteration": seconds / iterations,
-        "final_losses": progress.final_losses,
-    }
-
-
 def evaluate(model: nn.Module, data_loader, dataset) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
     """Detect on every image of ``data_loader`` and score with COCO and LVIS-style metrics.
 
@@ -351,6 +278,7 @@ def evaluate(model: nn.Module, data_loader, dataset) -> tuple[dict[str, Any], li
     metrics: dict[str, Any] = {name: coco[name] for name in COCO_COLUMNS}
     metrics.update({name: lvis[name] for name in LVIS_COLUMNS})
     metrics["dropped_detections"] = dropped
+    metrics["per_class_ap"] = coco["per_class_ap"]  # category id -> AP (COCO .50:.95)
     return metrics, results, images_seen / max(model_seconds, 1e-9)
 
 

@@ -33,7 +33,7 @@ from .data.samplers import build_sampler
 from .data.transforms import build_detection_transforms
 from .distiller import Distiller
 from .engine import TrainingJob, run_training
-from .models import build_detector, load_weights
+from .models import build_detector, build_pretrained, load_weights
 from .schedules import build_schedule
 
 
@@ -118,6 +118,10 @@ def training_data(
 
 
 def _model(section: ModelSection, num_classes: int) -> nn.Module:
+    if section.weights:
+        if section.checkpoint:
+            raise ValueError(f"{section.name}: give either weights or checkpoint, not both.")
+        return build_pretrained(section.name, section.weights)
     model = build_detector(section.name, num_classes, section.image_size)
     if section.checkpoint:
         load_weights(model, section.checkpoint)
@@ -154,9 +158,9 @@ def prepare_teachers(
         seed = config.seed + index if index == 0 else config.seed + 1 + index
         torch.manual_seed(seed)
         model = _model(section, num_classes)
-        if section.checkpoint:
+        if section.checkpoint or section.weights:
             teachers.append(model)
-            infos.append({"checkpoint": section.checkpoint})
+            infos.append({"checkpoint": section.checkpoint} if section.checkpoint else {"weights": section.weights})
             continue
         key = teacher_cache_key(config, section, seed, files, num_classes)
         folder = cache_root() / "teachers" / f"{section.name}-{key}"

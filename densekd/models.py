@@ -25,7 +25,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from .config import model_definitions
 
-__all__ = ["ARCHITECTURES", "build_detector", "fcos_fpn", "load_weights"]
+__all__ = ["ARCHITECTURES", "build_detector", "build_pretrained", "fcos_fpn", "load_weights"]
 
 # ResNet stages 2-4 (strides 8, 16, 32) -> FPN levels "0", "1", "2"; P6/P7 add strides 64, 128.
 _RETURN_LAYERS = {"layer2": "0", "layer3": "1", "layer4": "2"}
@@ -108,6 +108,22 @@ def build_detector(name: str, num_classes: int, image_size: int) -> nn.Module:
     close = difflib.get_close_matches(name, valid, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(f"Unknown detector {name!r}.{hint} Valid names: {', '.join(valid)}.")
+
+
+def build_pretrained(name: str, weights: str) -> nn.Module:
+    """A torchvision detection builder with its pretrained weights (e.g. ``"DEFAULT"`` or
+    ``"FCOS_ResNet50_FPN_Weights.COCO_V1"``), keeping the class channels the weights were
+    trained with (91 for COCO: labels are COCO category ids). Downloads once into torch's hub
+    cache; without a connection, download the file elsewhere and pass it as ``checkpoint``."""
+    if name not in _torchvision_detectors():
+        raise ValueError(f"Pretrained weights need a torchvision detection builder; {name!r} is not one.")
+    try:
+        return torchvision.models.get_model(name, weights=weights)
+    except (OSError, RuntimeError) as error:  # urllib's URLError is an OSError
+        raise RuntimeError(
+            f"Could not load torchvision weights {weights!r} for {name}: {error}. Without internet access, "
+            "download the weights file on another machine and pass it as the model's checkpoint."
+        ) from error
 
 
 def load_weights(model: nn.Module, path: Union[str, Path]) -> nn.Module:

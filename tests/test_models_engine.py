@@ -56,3 +56,23 @@ def test_save_checkpoint_is_atomic_and_leaves_no_temp_file(tmp_path):
     save_checkpoint(path, {"w": torch.zeros(2)})
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.zeros(2))
     assert [p.name for p in path.parent.iterdir()] == ["ckpt.pth"]
+
+
+def test_pretrained_teachers_come_from_torchvision_with_their_own_classes(monkeypatch):
+    import torchvision
+
+    from densekd.models import build_pretrained
+
+    calls = []
+    monkeypatch.setattr(torchvision.models, "get_model", lambda name, **kw: calls.append((name, kw)) or "model")
+    assert build_pretrained("fcos_resnet50_fpn", "DEFAULT") == "model"
+    assert calls == [("fcos_resnet50_fpn", {"weights": "DEFAULT"})]  # no num_classes override: 91 COCO channels
+
+    def offline(name, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    with pytest.raises(RuntimeError, match="download the weights file on another machine"):
+        build_pretrained("fcos_resnet50_fpn", "DEFAULT")
+    with pytest.raises(ValueError, match="need a torchvision detection builder"):
+        build_pretrained("fcos_resnet18_fpn64", "DEFAULT")

@@ -3,7 +3,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from densekd.config import RECIPES_DIR, ConfigError, load_experiment_config
 from densekd.experiment import data_files, train_student

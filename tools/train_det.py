@@ -26,7 +26,7 @@ import torch
 from densekd.config import ConfigError, load_experiment_config
 from densekd.data import CocoDetectionDataset, collate_detection
 from densekd.engine import COCO_COLUMNS, LVIS_COLUMNS, TrainingInterrupted, evaluate, init_distributed, is_main_process, save_checkpoint
-from densekd.evaluation import format_metrics_table, save_results
+from densekd.evaluation import format_metrics_table, plot_per_class_ap, save_results
 from densekd.experiment import data_files, prepare_teachers, train_student
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--val-ann", help="COCO/LVIS-format validation annotations")
     parser.add_argument("--val-images", help="folder of the validation images")
     parser.add_argument("--teacher-ckpt", help="teacher weights (state_dict or a densekd checkpoint); skips teacher training")
+    parser.add_argument("--teacher-weights", help="torchvision pretrained weights of the teacher's builder, e.g. DEFAULT")
     parser.add_argument("--output", default="runs/train_det", help="folder for checkpoints, logs, metrics and weights")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=0.01")
     parser.add_argument("--resume", action="store_true", help="continue the phases checkpointed in --output")
@@ -74,6 +75,8 @@ def overrides_from(args: argparse.Namespace) -> list[str]:
                       f"data.val_ann={args.val_ann}", f"data.val_images={args.val_images}"]  # fmt: skip
     if args.teacher_ckpt:
         overrides.append(f"teacher.checkpoint={args.teacher_ckpt}")
+    if args.teacher_weights:
+        overrides.append(f"teacher.weights={args.teacher_weights}")
     return overrides + list(args.set)
 
 
@@ -129,6 +132,14 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     teachers, teacher_info = prepare_teachers(config, files, num_classes, rank, world_size, retrain=args.retrain_teacher)
     timings["teacher"] = time.perf_counter() - t
+    if main:
+        for index, info in enumerate(teacher_info):
+            source = (
+                f"loaded from {info['checkpoint']}" if "checkpoint" in info
+                else f"torchvision weights {info['weights']}" if "weights" in info
+                else f"trained or reused from {info['cache']}"
+            )  # fmt: skip
+            print(f"[teacher {index}] {source}", flush=True)
     self_distilled = bool((config.distill or {}).get("self_distillation"))
 
     students, summaries = {}, {}
@@ -157,6 +168,15 @@ def run(args: argparse.Namespace) -> int:
         timings[f"{name}_eval"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
 
+    per_class = {name: rows[name].pop("per_class_ap") for name in MODELS}
+    train_counts = CocoDetectionDataset(files.train_images, files.train_ann)
+    plot_per_class_ap(
+        per_class,
+        {val_set.label_to_category_id[label]: name for label, name in enumerate(val_set.categories, start=1)},
+        {train_counts.label_to_category_id[label]: n for label, n in enumerate(train_counts.image_counts, start=1)},
+        output / "per_class_ap.png",
+        title=f"AP per category, students trained {config.optim.iterations} iterations",
+    )
     table = results_table(rows)
     print(f"\nval split ({len(val_set)} images), AP in percent; students trained {config.optim.iterations} iterations\n")
     print(table)
@@ -169,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         "config": config,
         "regime": f"students trained {config.optim.iterations} iterations (batch {config.data.batch_size} x {world_size})",
         "models": rows,
+        "per_class_ap": per_class,
         "distilled_minus_baseline": gain,
         "training": {"teachers": teacher_info, **summaries},
         "timings_seconds": timings,
@@ -176,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     }
     report["config"] = json.loads(json.dumps(config, default=lambda o: o.__dict__))
     (output / "metrics.json").write_text(json.dumps(_jsonable(report), indent=2))
-    print(f"wrote {output}/metrics.json, detections_*.json, student_baseline.pth, student_distilled.pth")
+    print(f"wrote {output}/metrics.json, per_class_ap.png, detections_*.json, student_baseline.pth, student_distilled.pth")
     return 0
 
 

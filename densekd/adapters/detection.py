@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection._utils import BoxCoder, BoxLinearCoder
+from torchvision.models.detection._utils import BoxLinearCoder
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import box_iou

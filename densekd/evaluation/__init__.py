@@ -15,6 +15,7 @@ from densekd.evaluation.coco_metrics import (
     frequency_group_ap,
 )
 from densekd.evaluation.detections import save_results, to_coco_results
+from densekd.evaluation.plots import plot_per_class_ap
 
 __all__ = [
     "BACKENDS",
@@ -26,6 +27,7 @@ __all__ = [
     "evaluate_lvis_style",
     "format_metrics_table",
     "frequency_group_ap",
+    "plot_per_class_ap",
     "save_results",
     "to_coco_results",
 ]

@@ -13,12 +13,10 @@ from densekd.engine import (
     init_distributed,
     is_main_process,
     run_training,
-    train,
     warmup_step,
 )
 from densekd.config import OptimSection
-from densekd.data import collate_detection
-from engine_job import TinyDetectionData, tiny_fcos, tiny_job
+from engine_job import TinyDetectionData, tiny_job
 
 
 @pytest.fixture(autouse=True)
@@ -105,16 +103,6 @@ def test_empty_loader_is_an_error(tmp_path):
     job.batch_size = 32  # 16 images, drop_last
     with pytest.raises(ValueError, match="yields no batch"):
         run_training(job)
-
-
-def test_legacy_train_still_works(tmp_path):
-    model = tiny_fcos()
-    loader = torch.utils.data.DataLoader(TinyDetectionData(), batch_size=2, collate_fn=collate_detection)
-    summary = train(model, loader, iterations=2, lr=1e-3, weight_decay=1e-4, warmup_iters=1, clip_grad_norm=10.0,
-                    log_every=1, log_file=tmp_path / "log.jsonl")  # fmt: skip
-    assert summary["iterations"] == 2 and "loss" in summary["final_losses"]
-    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records] == [1, 2]
 
 
 def test_init_distributed_is_a_noop_outside_torchrun(monkeypatch):

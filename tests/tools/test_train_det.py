@@ -40,6 +40,8 @@ def test_quick_demo_runs_end_to_end_and_eval_det_agrees(tmp_path):
             assert isinstance(metrics[key], (int, float)) and math.isfinite(metrics[key]), (name, key, metrics[key])
         assert isinstance(json.loads((output / f"detections_{name}.json").read_text()), list)
 
+    assert (output / "per_class_ap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(report["per_class_ap"]) == set(MODELS) and len(report["per_class_ap"]["teacher"]) == 12
     for file in ("student_distilled.pth", "student_baseline.pth"):
         student = build_detector("fcos_resnet18_fpn64", 12, 96)
         student.load_state_dict(torch.load(output / file, weights_only=True), strict=True)
@@ -50,3 +52,36 @@ def test_quick_demo_runs_end_to_end_and_eval_det_agrees(tmp_path):
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     assert abs(evaluated["AP"] - report["models"]["distilled"]["AP"]) < 1e-9
     assert "student_distilled" in stdout
+
+
+def test_real_data_flags_and_a_teacher_checkpoint(tmp_path):
+    """COCO-format files given on the command line (here: a tiny generated set with
+    non-contiguous category ids) and a teacher checkpoint instead of teacher training."""
+    from densekd.data import SyntheticConfig, generate_synthetic_dataset
+
+    paths = generate_synthetic_dataset(tmp_path / "data", SyntheticConfig(num_train=24, num_val=12, image_size=64, max_object_size=32))
+    for ann in (paths.train_ann, paths.val_ann):  # category ids 1..12 -> 10, 20, ..., 120
+        data = json.loads(Path(ann).read_text())
+        for record in data["categories"]:
+            record["id"] *= 10
+        for record in data["annotations"]:
+            record["category_id"] *= 10
+        for record in data["images"]:
+            record["neg_category_ids"] = [c * 10 for c in record.get("neg_category_ids", [])]
+        Path(ann).write_text(json.dumps(data))
+    teacher = build_detector("fcos_resnet34_fpn128", 12, 64)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
+    env = {**os.environ, "DENSEKD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    tiny = ["teacher.image_size=64", "student.image_size=64", "optim.iterations=2", "optim.warmup_iters=0",
+            "data.batch_size=2", "log_every=1"]  # fmt: skip
+    output = tmp_path / "out"
+    stdout = _run([str(REPO / "tools" / "train_det.py"), "--threads", "1", "--output", str(output),
+                   "--train-ann", str(paths.train_ann), "--train-images", str(paths.train_images),
+                   "--val-ann", str(paths.val_ann), "--val-images", str(paths.val_images),
+                   "--teacher-ckpt", str(tmp_path / "teacher.pth"), *[a for s in tiny for a in ("--set", s)]], env)  # fmt: skip
+    assert "[teacher 0] loaded" in stdout  # not trained
+    detections = json.loads((output / "detections_distilled.json").read_text())
+    assert {d["category_id"] for d in detections} <= {10 * k for k in range(1, 13)}
+    report = json.loads((output / "metrics.json").read_text())
+    assert report["config"]["data"]["dataset"] == "coco"
+    assert report["training"]["teachers"][0] == {"checkpoint": str(tmp_path / "teacher.pth")}
