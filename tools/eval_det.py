@@ -25,7 +25,7 @@ from densekd.models import build_detector, load_weights
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
-from train_det import DEFAULT_CONFIG, results_table  # noqa: E402  (one table format for both tools)
+from train_det import DEFAULT_CONFIG, jsonable, results_table  # noqa: E402  (one table and JSON format for both tools)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
         output = Path(args.output)
         output.mkdir(parents=True, exist_ok=True)
         save_results(results, output / "detections.json")
-        clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()}
-        (output / "metrics.json").write_text(json.dumps({"checkpoint": args.ckpt, "metrics": clean}, indent=2))
+        report = {"checkpoint": args.ckpt, "metrics": metrics}
+        (output / "metrics.json").write_text(json.dumps(jsonable(report), indent=2))
     return 0
 
 

@@ -80,11 +80,11 @@ def overrides_from(args: argparse.Namespace) -> list[str]:
     return overrides + list(args.set)
 
 
-def _jsonable(value):
+def jsonable(value):
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN: undefined metrics are null
     if isinstance(value, Path):
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "overrides": overrides,
-        "config": config,
+        "config": json.loads(json.dumps(config, default=lambda section: section.__dict__)),
         "regime": f"students trained {config.optim.iterations} iterations (batch {config.data.batch_size} x {world_size})",
         "models": rows,
         "per_class_ap": per_class,
@@ -195,8 +195,7 @@ def run(args: argparse.Namespace) -> int:
         "timings_seconds": timings,
         "table": table,
     }
-    report["config"] = json.loads(json.dumps(config, default=lambda o: o.__dict__))
-    (output / "metrics.json").write_text(json.dumps(_jsonable(report), indent=2))
+    (output / "metrics.json").write_text(json.dumps(jsonable(report), indent=2))
     print(f"wrote {output}/metrics.json, per_class_ap.png, detections_*.json, student_baseline.pth, student_distilled.pth")
     return 0
 
@@ -206,7 +205,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     try:
         return run(args)
-    except ConfigError as error:
+    except (ConfigError, FileNotFoundError) as error:
         print(f"train_det: {error}", file=sys.stderr)
         return 2
     except TrainingInterrupted as interrupted:
