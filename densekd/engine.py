@@ -620,7 +620,7 @@ def run_training(job: TrainingJob, resume: bool = False) -> dict[str, Any]:
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
             # A Distiller's connectors get no gradient while its kd warm-up lasts.
-            find_unused_parameters=hasattr(model, "trainable_parameters"),
+            find_unused_parameters=getattr(model, "warmup_iters", 0) > 0,
         )
     loader_generator = torch.Generator()
     loader = torch.utils.data.DataLoader(
