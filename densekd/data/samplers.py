@@ -27,6 +27,7 @@ The contract:
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -39,7 +40,7 @@ from densekd.weighting import repeat_factors
 __all__ = ["RandomSampler", "RepeatFactorSampler", "ClassAwareSampler", "SAMPLERS", "build_sampler"]
 
 
-class _EpochSampler(torch.utils.data.Sampler):
+class _EpochSampler(torch.utils.data.Sampler, ABC):
     """Epoch sequence -> padding -> rank shard -> skip; subclasses implement ``_epoch_indices``."""
 
     def __init__(self, seed: int, num_replicas: int, rank: int) -> None:
@@ -58,13 +59,13 @@ class _EpochSampler(torch.utils.data.Sampler):
     def _rng(self) -> np.random.Generator:
         return np.random.default_rng((self.seed, self.epoch))
 
+    @abstractmethod
     def _epoch_indices(self) -> np.ndarray:
         """(L,) int64: the whole epoch's sequence, identical on every rank."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _epoch_size(self) -> int:
         """L, or its expectation when L is random."""
-        raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch to iterate and clear any :meth:`skip`."""
