@@ -48,6 +48,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from densekd.data._checks import checked_epoch, checked_seed
+
 __all__ = ["MixedDetectionDataset", "mixup", "cutmix"]
 
 Target = Dict[str, Any]
@@ -250,16 +252,12 @@ class MixedDetectionDataset(torch.utils.data.Dataset):
         self.mixup_alpha = float(mixup_alpha)
         self.cutmix_alpha = float(cutmix_alpha)
         self.cutmix_min_visible = _check_probability("cutmix_min_visible", cutmix_min_visible)
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        self.seed = int(seed)
+        self.seed = checked_seed(seed)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch; the random choices of sample ``i`` depend on (seed, epoch, i) only."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self.epoch = int(epoch)
+        self.epoch = checked_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from densekd._names import unknown_name_message
+from densekd.data._checks import checked_epoch, checked_seed
 from densekd.weighting import repeat_factors
 
 __all__ = ["RandomSampler", "RepeatFactorSampler", "ClassAwareSampler", "SAMPLERS", "build_sampler"]
@@ -44,8 +45,7 @@ class _EpochSampler(torch.utils.data.Sampler, ABC):
     """Epoch sequence -> padding -> rank shard -> skip; subclasses implement ``_epoch_indices``."""
 
     def __init__(self, seed: int, num_replicas: int, rank: int) -> None:
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        seed = checked_seed(seed)
         if num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
         if not 0 <= rank < num_replicas:
@@ -69,9 +69,7 @@ class _EpochSampler(torch.utils.data.Sampler, ABC):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch to iterate and clear any :meth:`skip`."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self.epoch = int(epoch)
+        self.epoch = checked_epoch(epoch)
         self.start = 0
 
     def skip(self, num_samples: int) -> None:

@@ -58,6 +58,8 @@ import cv2
 import numpy as np
 import torch
 
+from densekd.data._checks import checked_epoch, checked_seed
+
 __all__ = ["DetectionTransform", "build_detection_transforms"]
 
 NumpyTarget = Dict[str, Any]
@@ -119,9 +121,7 @@ class DetectionTransform:
         self.min_visibility = _check_non_negative("min_visibility", min_visibility)
         if self.min_visibility > 1:
             raise ValueError(f"min_visibility is a fraction and must be in [0, 1], got {min_visibility}")
-        if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
-        self.seed = None if seed is None else int(seed)
+        self.seed = None if seed is None else checked_seed(seed)
         self.fill = fill
         self.epoch = 0
         self._occurrences: Dict[int, int] = defaultdict(int)
@@ -144,9 +144,7 @@ class DetectionTransform:
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose draws the seeded transform makes (resets repeat counters)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self.epoch = int(epoch)
+        self.epoch = checked_epoch(epoch)
         self._occurrences.clear()
         self._calls = 0
 
@@ -267,25 +265,12 @@ class DetectionTransform:
         )
 
 
-def build_detection_transforms(
-    strength: float = 1.0,
-    hflip: float = 0.5,
-    scale_jitter: float = 0.2,
-    color_jitter: float = 0.2,
-    min_visibility: float = 0.3,
-    seed: Optional[int] = None,
-) -> DetectionTransform:
+def build_detection_transforms(**options) -> DetectionTransform:
     """The training pipeline: flip, mild zoom (size kept), colour jitter, all scaled by ``strength``.
 
-    Returns a :class:`DetectionTransform` for ``CocoDetectionDataset(transforms=...)``;
-    ``image`` uint8 (H, W, 3) in and out, boxes / labels / masks / area / iscrowd kept aligned.
-    Pass an integer ``seed`` for reproducible augmentation (see the module docstring).
+    Returns a :class:`DetectionTransform` (same keyword arguments) for
+    ``CocoDetectionDataset(transforms=...)``; ``image`` uint8 (H, W, 3) in and out, boxes /
+    labels / masks / area / iscrowd kept aligned. Pass an integer ``seed`` for reproducible
+    augmentation (see the module docstring).
     """
-    return DetectionTransform(
-        strength=strength,
-        hflip=hflip,
-        scale_jitter=scale_jitter,
-        color_jitter=color_jitter,
-        min_visibility=min_visibility,
-        seed=seed,
-    )
+    return DetectionTransform(**options)
