@@ -32,10 +32,15 @@ from densekd.data.synthetic import (
     val_image_targets,
 )
 from densekd.data.transforms import DetectionTransform, build_detection_transforms
+from densekd.data.validation import BadDatasetError, DatasetFileNotFoundError, DatasetReport, validate_coco_file
 
 __all__ = [
     "CocoDetectionDataset",
     "collate_detection",
+    "BadDatasetError",
+    "DatasetFileNotFoundError",
+    "DatasetReport",
+    "validate_coco_file",
     "DetectionTransform",
     "build_detection_transforms",
     "MixedDetectionDataset",

@@ -14,20 +14,27 @@ returns what torchvision's detection models take in training::
 Category ids in the file may be non-contiguous (COCO uses 1..90 with gaps); they
 are mapped to labels 1..K in sorted id order.  Crowd annotations stay in the
 file for evaluation but never reach training targets.
+
+The file and the images it names are checked at construction
+(:mod:`densekd.data.validation`): a bad record raises :class:`BadDatasetError`
+naming it, or is dropped with ``skip_bad=True`` and counted in ``dataset.report``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 from torch import Tensor
+
+from densekd.data.images import decode_rgb
+from densekd.data.validation import BadDatasetError, DatasetFileNotFoundError, DatasetReport, validate_coco_file
 
 __all__ = ["CocoDetectionDataset", "collate_detection"]
 
@@ -37,12 +44,24 @@ Transform = Callable[[np.ndarray, NumpyTarget], Tuple[np.ndarray, NumpyTarget]]
 _PER_INSTANCE_KEYS = ("boxes", "labels", "area", "iscrowd", "masks")
 
 
-def _load_coco_quietly(annotation_file: Path) -> COCO:
-    """pycocotools prints progress to stdout; keep it out of training logs."""
-    if not annotation_file.is_file():
-        raise FileNotFoundError(f"annotation file not found: {annotation_file}")
+_LOGGER = logging.getLogger(__name__)
+_LOGGED_REPORTS: set = set()  # summaries already logged: a dataset built once per phase reports once
+
+
+def _coco_quietly(document: Dict[str, Any]) -> COCO:
+    """A COCO index over an already-validated document (pycocotools prints progress; keep it quiet)."""
+    coco = COCO()
+    coco.dataset = document
     with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(annotation_file))
+        coco.createIndex()
+    return coco
+
+
+def _log_once(report: DatasetReport) -> None:
+    summary = report.summary()
+    if not report.clean and summary not in _LOGGED_REPORTS:
+        _LOGGED_REPORTS.add(summary)
+        _LOGGER.warning(summary)
 
 
 def _keep_instances(target: NumpyTarget, keep: np.ndarray) -> NumpyTarget:
@@ -70,6 +89,8 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         with_masks: also return instance masks (decoded from polygons or RLE).
         category_ids: keep only these category ids (labels follow their sorted order);
             annotations of other categories are ignored.  Default: all categories.
+        skip_bad: drop bad records (a bad image with its annotations, a bad annotation
+            alone) instead of raising :class:`BadDatasetError`; ``report`` says what went.
 
     Attributes:
         num_classes: K, foreground classes (torchvision's ``num_classes`` is K + 1).
@@ -79,7 +100,14 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
             annotations: images containing the class / its annotations.
         frequency_groups: LVIS 'r' / 'c' / 'f' per class in label order when every
             category carries ``frequency``, else None.
-        coco: the underlying ``pycocotools.coco.COCO`` (for evaluation).
+        coco: the underlying ``pycocotools.coco.COCO`` (for evaluation), good records only.
+        report: :class:`~densekd.data.validation.DatasetReport`: records dropped per problem
+            (``skip_bad``) and boxes clipped to their image; logged once when not empty.
+
+    Raises:
+        BadDatasetError: (a ``ValueError``) the file is not a usable COCO file, or a record
+            is bad and ``skip_bad`` is False; ``DatasetFileNotFoundError`` (also a
+            ``FileNotFoundError``) when the folder or the file is missing.
     """
 
     def __init__(
@@ -89,14 +117,17 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         transforms: Optional[Transform] = None,
         with_masks: bool = False,
         category_ids: Optional[Sequence[int]] = None,
+        skip_bad: bool = False,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
         if not self.image_dir.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.image_dir}")
+            raise DatasetFileNotFoundError(f"image folder not found: {self.image_dir}; check the path.")
         self.transforms = transforms
         self.with_masks = with_masks
-        self.coco = _load_coco_quietly(self.annotation_file)
+        document, self.report = validate_coco_file(self.annotation_file, self.image_dir, with_masks, skip_bad)
+        _log_once(self.report)
+        self.coco = _coco_quietly(document)
 
         available = sorted(self.coco.cats)
         if category_ids is None:
@@ -139,18 +170,13 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
     def image_labels(self) -> List[List[int]]:
         """Sorted distinct labels per image (index-aligned with the dataset), without loading images.
 
-        Counts the annotations that reach training targets (non-crowd, box with
-        positive width and height); feed it to repeat-factor sampling.
+        Counts the annotations that reach training targets (non-crowd; validation keeps
+        only boxes with positive width and height); feed it to repeat-factor sampling.
         """
-        result = []
-        for image_id in self.image_ids:
-            labels = set()
-            for a in self._training_annotations(image_id):
-                _, _, w, h = a["bbox"]
-                if w > 0 and h > 0:
-                    labels.add(self.category_id_to_label[a["category_id"]])
-            result.append(sorted(labels))
-        return result
+        return [
+            sorted({self.category_id_to_label[a["category_id"]] for a in self._training_annotations(image_id)})
+            for image_id in self.image_ids
+        ]
 
     def _numpy_target(self, image_id: int, height: int, width: int) -> NumpyTarget:
         annotations = self._training_annotations(image_id)
@@ -170,20 +196,9 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
         return _keep_instances(target, _valid_boxes(boxes))
 
     def _masks(self, image_id: int, annotations: List[dict], height: int, width: int) -> np.ndarray:
-        """uint8 (M, H, W) from polygons or RLE; checks the file's image size matches the image."""
-        info = self.coco.imgs[image_id]
-        if (info.get("height"), info.get("width")) != (height, width):
-            raise ValueError(
-                f"image {image_id} ({info.get('file_name')}) is {height}x{width} (HxW) but the annotation "
-                f"file says {info.get('height')}x{info.get('width')}; fix the file's height/width"
-            )
+        """uint8 (M, H, W) from polygons or RLE (validation checked sizes and polygon lengths)."""
         masks = np.zeros((len(annotations), height, width), dtype=np.uint8)
         for i, a in enumerate(annotations):
-            if not a.get("segmentation"):
-                raise ValueError(
-                    f"annotation {a.get('id')} of image {image_id} has no segmentation; "
-                    "use with_masks=False for box-only annotation files"
-                )
             masks[i] = self.coco.annToMask(a)
         return masks
 
@@ -191,21 +206,41 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def image_path(self, image_id: int) -> Path:
+        return self.image_dir / self.coco.imgs[image_id]["file_name"]
+
     def _load_image(self, image_id: int) -> np.ndarray:
-        path = self.image_dir / self.coco.imgs[image_id]["file_name"]
-        if not path.is_file():
-            raise FileNotFoundError(f"image {image_id} not found at {path}; check image_dir")
-        with Image.open(path) as image:
-            return np.array(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3), writable copy
+        """uint8 (H, W, 3) RGB; a file that fails to decode names its path and image id (also
+        from a DataLoader worker, which re-raises the message in the main process)."""
+        path = self.image_path(image_id)
+        try:
+            return decode_rgb(path)
+        except FileNotFoundError:
+            raise DatasetFileNotFoundError(
+                f"image {image_id} not found at {path} (it was there when the dataset was built); check image_dir."
+            ) from None
+        except Exception as error:  # PIL raises OSError, ValueError, SyntaxError, ... on corrupt files
+            raise BadDatasetError(
+                f"image {image_id} at {path} (listed in {self.annotation_file}) could not be decoded "
+                f"({type(error).__name__}: {error}); the file is corrupt or truncated: replace it, or remove "
+                "the image from the annotation file."
+            ) from error
 
     def __getitem__(self, index: int) -> Tuple[Tensor, Dict[str, Any]]:
         image_id = self.image_ids[index]
         image = self._load_image(image_id)
-        target = self._numpy_target(image_id, image.shape[0], image.shape[1])
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-            target = _keep_instances(target, _valid_boxes(np.asarray(target["boxes"]).reshape(-1, 4)))
-        return self._to_tensors(image, target)
+        try:
+            target = self._numpy_target(image_id, image.shape[0], image.shape[1])
+            if self.transforms is not None:
+                image, target = self.transforms(image, target)
+                target = _keep_instances(target, _valid_boxes(np.asarray(target["boxes"]).reshape(-1, 4)))
+            return self._to_tensors(image, target)
+        except Exception as error:
+            # Keep the type (a transform bug stays one) but say which image it was; notes are
+            # part of the traceback text a DataLoader worker sends back (Python >= 3.11).
+            if hasattr(error, "add_note"):
+                error.add_note(f"while loading image {image_id} at {self.image_path(image_id)}")
+            raise
 
     @staticmethod
     def _to_tensors(image: np.ndarray, target: NumpyTarget) -> Tuple[Tensor, Dict[str, Any]]:

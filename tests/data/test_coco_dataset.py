@@ -43,8 +43,6 @@ def hand_written(tmp_path):
              "segmentation": _rle(blob)},
             {"id": 3, "image_id": 5, "category_id": 3, "bbox": [0, 0, 30, 20], "area": 600, "iscrowd": 1,
              "segmentation": _rle(np.ones((20, 30)))},
-            {"id": 4, "image_id": 5, "category_id": 3, "bbox": [5, 5, 0, 4], "area": 0, "iscrowd": 0,
-             "segmentation": [[5, 5, 5, 5, 5, 9]]},
             {"id": 5, "image_id": 9, "category_id": 3, "bbox": [1, 1, 4, 4], "area": 16, "iscrowd": 0,
              "segmentation": [[1, 1, 5, 1, 5, 5, 1, 5]]},
         ],
@@ -61,13 +59,13 @@ def test_non_contiguous_ids_map_to_sorted_contiguous_labels(hand_written):
     assert dataset.category_id_to_label == {3: 1, 7: 2, 42: 3}
     assert dataset.categories == ["car", "dog", "kite"]
     assert dataset.frequency_groups == ["f", "c", "r"]
-    # non-crowd annotations only (the degenerate one counts: it is in the file)
-    assert dataset.annotation_counts == [2, 1, 1]
-    assert dataset.image_counts == [2, 1, 1]
+    # non-crowd annotations only
+    assert dataset.annotation_counts == [1, 1, 1]
+    assert dataset.image_counts == [1, 1, 1]
     assert dataset.image_labels() == [[2, 3], [1], []]
 
 
-def test_crowd_and_degenerate_boxes_are_dropped(hand_written):
+def test_crowd_annotations_are_dropped(hand_written):
     image, target = CocoDetectionDataset(*hand_written)[0]
     assert image.shape == (3, 20, 30) and image.dtype == torch.float32
     assert torch.allclose(image, torch.full_like(image, 200 / 255))
@@ -137,6 +135,7 @@ def test_missing_files_give_clear_errors(hand_written, tmp_path):
     image_dir, annotation_file = hand_written
     with pytest.raises(FileNotFoundError, match="annotation file"):
         CocoDetectionDataset(image_dir, tmp_path / "missing.json")
-    (image_dir / "gray.png").unlink()
+    dataset = CocoDetectionDataset(image_dir, annotation_file)
+    (image_dir / "gray.png").unlink()  # after construction, which checks that images exist
     with pytest.raises(FileNotFoundError, match="check image_dir"):
-        CocoDetectionDataset(image_dir, annotation_file)[1]
+        dataset[1]
