@@ -206,6 +206,7 @@ class DataSection:
     train_images: Optional[str] = None
     val_ann: Optional[str] = None
     val_images: Optional[str] = None
+    skip_bad: bool = False  # drop bad images/annotations (reported) instead of stopping with an error
     synthetic: dict = dataclasses.field(default_factory=dict)  # SyntheticConfig overrides
     batch_size: int = 8
     num_workers: int = 0

@@ -102,7 +102,9 @@ def training_data(
         )
         epoch_hooks.append(transform.set_epoch)
         iteration_hooks.append(lambda iteration: transform.set_strength(strength_at(iteration)))
-    annotations = CocoDetectionDataset(files.train_images, files.train_ann, transforms=transform)
+    annotations = CocoDetectionDataset(
+        files.train_images, files.train_ann, transforms=transform, skip_bad=config.data.skip_bad
+    )
     dataset: torch.utils.data.Dataset = annotations
     if augment and (section.mixup_prob or section.cutmix_prob):
         dataset = MixedDetectionDataset(

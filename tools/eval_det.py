@@ -35,6 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", choices=("student", "teacher"), default="student", help="which model of the config")
     parser.add_argument("--val-ann", help="COCO/LVIS-format annotations (default: the config's validation split)")
     parser.add_argument("--val-images", help="folder of the validation images")
+    parser.add_argument("--skip-bad", action="store_true", help="drop bad images/annotations (reported) instead of stopping")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     parser.add_argument("--output", help="write metrics.json and detections.json here")
     parser.add_argument("--threads", type=int, default=2)
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         files = data_files(config)
         val_ann, val_images = files.val_ann, files.val_images
-    dataset = CocoDetectionDataset(val_images, val_ann)
+    dataset = CocoDetectionDataset(val_images, val_ann, skip_bad=args.skip_bad or config.data.skip_bad)
     section = config.student if args.model == "student" else config.teacher
     model = load_weights(build_detector(section.name, dataset.num_classes, section.image_size), args.ckpt)
     loader = torch.utils.data.DataLoader(dataset, batch_size=16, collate_fn=collate_detection)

@@ -4,12 +4,14 @@
     python tools/train_det.py --quick               # the same pipeline on a tiny budget (smoke run)
     python tools/train_det.py --recipe long_tail    # any recipe of configs/recipes/
     python tools/train_det.py --config FILE --train-ann A.json --train-images DIR \\
-        --val-ann B.json --val-images DIR [--teacher-ckpt T.pth] [--output DIR]
+        --val-ann B.json --val-images DIR [--teacher-ckpt T.pth] [--output DIR] [--skip-bad]
     torchrun --nproc_per_node 2 tools/train_det.py ...   # data-parallel (gloo on CPU, nccl on GPU)
 
 It trains (or reuses from the cache) the teacher, trains a baseline and a distilled student
 with the same budget, seed and batches, evaluates all three and prints one table. Each phase
-checkpoints; ``--resume`` continues an interrupted run where it stopped.
+checkpoints; ``--resume`` continues an interrupted run where it stopped. Annotation files are
+checked before any training: a bad record stops the run with one message naming it, unless
+``--skip-bad`` drops bad records (and prints how many of each kind went).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 from densekd.config import ConfigError, load_experiment_config
-from densekd.data import CocoDetectionDataset, collate_detection
+from densekd.data import BadDatasetError, CocoDetectionDataset, collate_detection
 from densekd.engine import COCO_COLUMNS, LVIS_COLUMNS, TrainingInterrupted, evaluate, init_distributed, is_main_process, save_checkpoint
 from densekd.evaluation import format_metrics_table, plot_per_class_ap, save_results
 from densekd.experiment import data_files, prepare_teachers, train_student
@@ -53,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-images", help="folder of the training images")
     parser.add_argument("--val-ann", help="COCO/LVIS-format validation annotations")
     parser.add_argument("--val-images", help="folder of the validation images")
+    parser.add_argument("--skip-bad", action="store_true", help="drop bad images/annotations (reported) instead of stopping")
     parser.add_argument("--teacher-ckpt", help="teacher weights (state_dict or a densekd checkpoint); skips teacher training")
     parser.add_argument("--teacher-weights", help="torchvision pretrained weights of the teacher's builder, e.g. DEFAULT")
     parser.add_argument("--output", default="runs/train_det", help="folder for checkpoints, logs, metrics and weights")
@@ -73,6 +76,8 @@ def overrides_from(args: argparse.Namespace) -> list[str]:
             raise ConfigError("real data needs all four of --train-ann, --train-images, --val-ann, --val-images.")
         overrides += ["data.dataset=coco", f"data.train_ann={args.train_ann}", f"data.train_images={args.train_images}",
                       f"data.val_ann={args.val_ann}", f"data.val_images={args.val_images}"]  # fmt: skip
+    if args.skip_bad:
+        overrides.append("data.skip_bad=true")
     if args.teacher_ckpt:
         overrides.append(f"teacher.checkpoint={args.teacher_ckpt}")
     if args.teacher_weights:
@@ -125,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
     t = time.perf_counter()
     files = data_files(config)
-    val_set = CocoDetectionDataset(files.val_images, files.val_ann)
+    val_set = CocoDetectionDataset(files.val_images, files.val_ann, skip_bad=config.data.skip_bad)
     num_classes = val_set.num_classes
     timings["data"] = time.perf_counter() - t
 
@@ -169,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     timings["total"] = time.perf_counter() - started
 
     per_class = {name: rows[name].pop("per_class_ap") for name in MODELS}
-    train_counts = CocoDetectionDataset(files.train_images, files.train_ann)
+    train_counts = CocoDetectionDataset(files.train_images, files.train_ann, skip_bad=config.data.skip_bad)
     plot_per_class_ap(
         per_class,
         {val_set.label_to_category_id[label]: name for label, name in enumerate(val_set.categories, start=1)},
@@ -205,7 +210,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     try:
         return run(args)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, BadDatasetError, FileNotFoundError) as error:
         print(f"train_det: {error}", file=sys.stderr)
         return 2
     except TrainingInterrupted as interrupted:

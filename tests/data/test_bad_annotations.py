@@ -3,6 +3,8 @@ crash deep inside torch. Each test starts from ``tiny_coco`` (3 images of 32 px)
 import json
 import logging
 import math
+import os
+import subprocess
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -17,7 +19,11 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
 
 from broken_fixtures import SIZE, rle, tiny_coco
+from densekd.config import load_experiment_config
 from densekd.data import BadDatasetError, CocoDetectionDataset, collate_detection
+from densekd.experiment import DataFiles, training_data
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _dataset(fixture, **kwargs) -> CocoDetectionDataset:
@@ -347,3 +353,31 @@ def test_skip_bad_drops_every_image_of_a_duplicate_id(tmp_path):
     dataset = _dataset(fixture.write(), skip_bad=True)
     assert dataset.image_ids == [1] and dataset.report.dropped_images == {"with a duplicate id": [2, 2]}
     assert dataset.report.dropped_annotations == {"of a dropped image": [3, 4]}
+
+
+def test_skip_bad_from_the_experiment_config(tmp_path):
+    fixture = _break_several(tiny_coco(tmp_path))
+    config = load_experiment_config(None, ["data.skip_bad=true"])
+    assert config.data.skip_bad is True
+    files = DataFiles(fixture.annotation_file, fixture.image_dir, fixture.annotation_file, fixture.image_dir, "test")
+    data = training_data(config, files, iterations=1, augment=False)
+    assert data.annotations.report.num_dropped_annotations == 3 and len(data.dataset) == 2
+
+
+def test_train_det_reports_a_bad_file_without_a_traceback(tmp_path):
+    good = tiny_coco(tmp_path / "val")
+    bad = tiny_coco(tmp_path / "train")
+    bad.annotation(3)["category_id"] = 9
+    bad.write()
+    env = {**os.environ, "DENSEKD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "train_det.py"), "--threads", "1", "--output", str(tmp_path / "out"),
+         "--train-ann", str(bad.annotation_file), "--train-images", str(bad.image_dir),
+         "--val-ann", str(good.annotation_file), "--val-images", str(good.image_dir)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"train_det: {bad.annotation_file}: annotation 3 (image 2) has category_id 9" in done.stderr
+    assert "--skip-bad" in done.stderr
+    assert not list((tmp_path / "out").rglob("*.pt*")) and not (tmp_path / "cache" / "teachers").exists()
