@@ -100,6 +100,26 @@ def test_cached_teacher_gives_the_online_kd_losses(family, dataset, tmp_path):
     assert {n[len("features.") : -4] for n in stored if n.startswith("features.")} == levels
 
 
+def test_each_of_several_teachers_gets_its_own_cache(dataset, tmp_path):
+    teachers = [build_fcos(fpn_width=64, num_classes=SIGMOID_CHANNELS), build_fcos(fpn_width=32, num_classes=SIGMOID_CHANNELS)]
+    student = build_fcos(fpn_width=32, num_classes=SIGMOID_CHANNELS)
+    terms = [Term("binary_kd", "cls_logits", temperature=2.0), Term("hint", "features", levels=["1"])]
+    online = Distiller(student, teachers, terms, teacher_weights=[0.7, 0.3], probe_size=64).train()
+    offline = Distiller(copy.deepcopy(student), teachers, terms, teacher_weights=[0.7, 0.3], probe_size=64).train()
+    offline.connectors.load_state_dict(online.connectors.state_dict())
+    images, targets = collate_detection([dataset[i] for i in (3, 8)])
+    expected = _kd(online, images, targets)
+    caches = teacher_caches_for(offline, dataset, tmp_path, dtype="float32")
+    assert len({c.folder for c in caches}) == 2
+    with pytest.raises(ValueError, match="one cache per teacher: 2, got 1"):
+        offline.use_teacher_cache(caches[:1])
+    with pytest.raises(ValueError, match="cannot stand in for teacher 0: it was built from another teacher"):
+        offline.use_teacher_cache(caches[::-1])
+    exact = _kd(offline.use_teacher_cache(caches), images, targets)
+    for key, value in expected.items():
+        torch.testing.assert_close(exact[key], value, rtol=1e-6, atol=1e-6, msg=key)
+
+
 def test_a_changed_teacher_or_transform_is_never_served_from_the_old_cache(dataset, tmp_path):
     _, offline = _online_and_offline("fcos")
     first = teacher_caches_for(offline, dataset, tmp_path)[0]
