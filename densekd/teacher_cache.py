@@ -22,7 +22,9 @@ pair with::
 
 Values are float16 by default (half the bytes; the kd losses move by about 1e-3 relative)
 or float32 (the same kd losses as online distillation, up to the last bits of batched
-convolutions). A float16 overflow (|value| > 65504) is refused, naming the output.
+convolutions; tested bitwise-close on CPU. On CUDA, TF32 convolutions and cuDNN's choice of
+algorithm per batch size can make the cached and the online outputs differ at TF32
+precision). A float16 overflow (|value| > 65504) is refused, naming the output.
 
 No top-k logits. The cacheable logit losses are Bernoulli KD on sigmoid heads
 (``binary_kd``, ``focal_binary_kd``), which sum over every class channel, each its own
