@@ -6,6 +6,8 @@ A distillation config is a flat mapping::
     teacher_geometry: student            # or "own"
     warmup_iters: 0
     self_distillation: {mode: ema, ema_decay: 0.999}   # optional
+    teacher_cache: false                 # true: offline, teacher outputs cached (densekd.teacher_cache)
+    teacher_cache_dtype: float16         # or float32
     terms:
       - {loss: binary_kd, on: cls_logits, temperature: 2.0, confidence_weighting: true}
       - {loss: cwd, on: features, weight: 0.5, levels: ["0", "1", "2"]}
@@ -25,6 +27,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import yaml
 
 from ._names import did_you_mean
+from .adapters.detection import MASK_OUTPUTS, ROI_OUTPUTS
 from .terms import Term
 from .weighting import class_weights as compute_class_weights
 
@@ -75,6 +78,8 @@ class DistillationConfig:
     teacher_geometry: str = "student"
     warmup_iters: Union[int, float] = 0
     self_distillation: Optional[dict[str, Any]] = None
+    teacher_cache: bool = False
+    teacher_cache_dtype: str = "float16"
 
 
 _TOP_KEYS = {
@@ -83,7 +88,10 @@ _TOP_KEYS = {
     "teacher_geometry": str,
     "warmup_iters": (int, float),
     "self_distillation": dict,
+    "teacher_cache": bool,
+    "teacher_cache_dtype": str,
 }
+_TEACHER_CACHE_DTYPES = ("float16", "float32")
 
 
 def _check_keys(where: str, values: Mapping[str, Any], schema: Mapping[str, Any], required: Sequence[str] = ()) -> None:
@@ -115,6 +123,10 @@ def parse_distillation_config(values: Mapping[str, Any]) -> DistillationConfig:
             _check_keys(f"{where}.class_weights", term["class_weights"], _CLASS_WEIGHT_KEYS, required=["method"])
     if "self_distillation" in values:
         _check_keys("self_distillation", values["self_distillation"], _SELF_DISTILLATION_KEYS, required=["mode"])
+    if values.get("teacher_cache_dtype", "float16") not in _TEACHER_CACHE_DTYPES:
+        raise ConfigError(
+            f"teacher_cache_dtype must be one of {', '.join(_TEACHER_CACHE_DTYPES)}, got {values['teacher_cache_dtype']!r}."
+        )
     return DistillationConfig(**values)
 
 
@@ -314,10 +326,13 @@ def _build_section(where: str, cls, values: Mapping[str, Any]):
 
 
 def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Section-wise merge: override's keys win inside each section mapping."""
+    """Section-wise merge: override's keys win inside each section mapping. A ``distill``
+    mapping with ``terms`` replaces the base's whole; one without (``--set
+    distill.teacher_cache=true``) adjusts the base's settings."""
     merged = dict(base)
     for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping) and key != "distill":
+        replaces_distill = key == "distill" and isinstance(value, Mapping) and "terms" in value
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping) and not replaces_distill:
             merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
@@ -377,7 +392,44 @@ def parse_experiment_config(values: Mapping[str, Any], recipes_dir: Path = RECIP
             built[key] = value
         else:
             built[key] = _check_value(key, value, types[key])
-    return ExperimentConfig(**built)
+    config = ExperimentConfig(**built)
+    _check_teacher_cache(config)
+    return config
+
+
+def _check_teacher_cache(config: ExperimentConfig) -> None:
+    """``distill.teacher_cache: true`` computes each teacher output once per image: refuse, naming
+    each one, the settings under which the teacher's input or the teacher itself changes."""
+    distill = config.distill or {}
+    if not distill.get("teacher_cache"):
+        return
+    augment = config.augment
+    blockers = [
+        f"augment.{name}={getattr(augment, name)} ({what}): set it to 0"
+        for name, what in (
+            ("hflip", "random flips; not replayed, a CNN teacher is not mirror-symmetric"),
+            ("scale_jitter", "random zoom"),
+            ("color_jitter", "random colour"),
+            ("mixup_prob", "MixUp with a random partner every epoch"),
+            ("cutmix_prob", "CutMix with a random partner every epoch"),
+        )
+        if getattr(augment, name) > 0
+    ]
+    if distill.get("self_distillation"):
+        blockers.append("distill.self_distillation (the EMA/snapshot teacher changes during training): remove it")
+    if distill.get("teacher_geometry", "student") != "student":
+        blockers.append(f"distill.teacher_geometry={distill['teacher_geometry']!r}: use 'student'")
+    for index, term in enumerate(distill.get("terms", [])):
+        if term.get("on") in ROI_OUTPUTS | MASK_OUTPUTS:
+            blockers.append(
+                f"distill.terms[{index}] ({term.get('loss')} on {term['on']}: the teacher's RoI heads run on the "
+                "student's proposals of each step, which cannot be computed ahead of time): drop the term"
+            )
+    if blockers:
+        raise ConfigError(
+            "distill.teacher_cache=true reuses teacher outputs computed once per image, which these settings rule "
+            "out:\n  - " + "\n  - ".join(blockers) + "\nFix each, or set distill.teacher_cache=false (online distillation)."
+        )
 
 
 def load_experiment_config(

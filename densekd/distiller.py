@@ -87,6 +87,7 @@ class Distiller(nn.Module):
         self.self_distillation_mode: Optional[str] = None
         self.ema_decay: Optional[float] = None
         self.last_terms: dict[str, dict[str, Tensor]] = {}
+        self.teacher_caches: Optional[list] = None  # offline distillation, see use_teacher_cache
 
         self.student_adapter = adapter_for(student)
         check_label_smoothing(self.student_adapter, label_smoothing)
@@ -249,6 +250,22 @@ class Distiller(nn.Module):
             teacher.eval()  # BatchNorm and dropout of a teacher never switch to training
         return self
 
+    def use_teacher_cache(self, caches) -> "Distiller":
+        """Offline distillation: read each teacher's outputs from its cache
+        (:mod:`densekd.teacher_cache`, one per teacher, in order) by ``targets[i]["image_id"]``
+        instead of running the teachers; ``None`` goes back to running them. Each cache refuses
+        a distiller it was not built for, and settings that cannot be cached."""
+        if caches is None:
+            self.teacher_caches = None
+            return self
+        caches = list(caches) if isinstance(caches, (list, tuple)) else [caches]
+        if len(caches) != len(self.teachers):
+            raise ValueError(f"use_teacher_cache needs one cache per teacher: {len(self.teachers)}, got {len(caches)}.")
+        for index, cache in enumerate(caches):
+            cache.check_serves(self, index)
+        self.teacher_caches = caches
+        return self
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Student and connector parameters: what an optimizer should update."""
         return [p for p in list(self.student.parameters()) + list(self.connectors.parameters()) if p.requires_grad]
@@ -274,10 +291,14 @@ class Distiller(nn.Module):
             zero = next(iter(losses.values())).new_zeros(())
             return {**losses, **{term.key: zero for term in self.terms}}
         with torch.no_grad():
-            teacher_outputs = [
-                self._run_teacher(index, images, records["transform"][0], student_outputs)
-                for index in range(len(self.teachers))
-            ]
+            if self.teacher_caches is not None:
+                image_ids = _image_ids(targets)
+                teacher_outputs = [cache.outputs_for(image_ids, student_outputs) for cache in self.teacher_caches]
+            else:
+                teacher_outputs = [
+                    self._run_teacher(index, images, records["transform"][0], student_outputs)
+                    for index in range(len(self.teachers))
+                ]
         context = StepContext(
             student_outputs,
             teacher_outputs,
@@ -331,6 +352,16 @@ class Distiller(nn.Module):
             teacher_param.lerp_(student_param.detach(), 1.0 - self.ema_decay)
         for teacher_buffer, student_buffer in zip(teacher.buffers(), self.student.buffers()):
             teacher_buffer.copy_(student_buffer)
+
+
+def _image_ids(targets: list[dict[str, Tensor]]) -> list[int]:
+    missing = [index for index, target in enumerate(targets) if "image_id" not in target]
+    if missing:
+        raise ValueError(
+            f"Offline distillation looks the teachers' outputs up by image id, but targets {missing} have no "
+            "'image_id' (CocoDetectionDataset sets it). Add it, or distill online (use_teacher_cache(None))."
+        )
+    return [int(target["image_id"]) for target in targets]
 
 
 def _rescaled_rois(student: DenseOutputs, teacher_sizes: list[tuple[int, int]]) -> DenseOutputs:

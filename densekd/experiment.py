@@ -3,7 +3,10 @@ baseline and distilled students. ``tools/train_det.py`` is a thin CLI over this 
 
 Every phase trains through :func:`densekd.engine.run_training`, so each one checkpoints
 and resumes on its own; the teacher lives in the cache (``$DENSEKD_CACHE/teachers``)
-keyed by everything that determines it, and is reused by later runs.
+keyed by everything that determines it, and is reused by later runs. With
+``distill.teacher_cache: true`` the teachers' outputs over the training set are cached too
+(``$DENSEKD_CACHE/teacher_outputs``, :mod:`densekd.teacher_cache`) and the distilled student
+trains offline.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from .distiller import Distiller
 from .engine import TrainingJob, run_training
 from .models import build_detector, build_pretrained, load_weights
 from .schedules import build_schedule
+from .teacher_cache import TeacherOutputCache, teacher_caches_for
 
 
 def cache_root() -> Path:
@@ -208,5 +212,26 @@ def train_student(
             model = Distiller.self_distillation(student, terms, **kwargs, **probe)
         else:
             model = Distiller(student, teachers, terms, **kwargs, **probe)
+        if distillation.teacher_cache:
+            caches = _teacher_caches(model, data.dataset, distillation.teacher_cache_dtype, config.data.batch_size, rank)
+            model.use_teacher_cache(caches)
     summary = run_training(_job(config, model, data, config.optim, output, name), resume=resume)
+    if distilled and distillation.teacher_cache:
+        summary["teacher_cache"] = [
+            {"folder": str(c.folder), "size_bytes": c.size_bytes, "build_seconds": c.build_seconds, "built_now": c.built}
+            for c in caches
+        ]
     return student, summary
+
+
+def _teacher_caches(distiller: Distiller, dataset, dtype: str, batch_size: int, rank: int) -> list[TeacherOutputCache]:
+    """The teachers' outputs over the training set, from ``$DENSEKD_CACHE/teacher_outputs``
+    (built there once, by rank 0, and reused by every later student and seed)."""
+    root = cache_root() / "teacher_outputs"
+    if rank == 0:
+        caches = teacher_caches_for(distiller, dataset, root, dtype, batch_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if rank != 0:
+        caches = teacher_caches_for(distiller, dataset, root, dtype, batch_size)  # finds rank 0's
+    return caches

@@ -3,6 +3,7 @@
     python tools/train_det.py                       # the demo on the embedded long-tailed dataset
     python tools/train_det.py --quick               # the same pipeline on a tiny budget (smoke run)
     python tools/train_det.py --recipe long_tail    # any recipe of configs/recipes/
+    python tools/train_det.py --set distill.teacher_cache=true   # offline: teacher outputs cached once
     python tools/train_det.py --config FILE --train-ann A.json --train-images DIR \\
         --val-ann B.json --val-images DIR [--teacher-ckpt T.pth] [--output DIR] [--skip-bad]
     torchrun --nproc_per_node 2 tools/train_det.py ...   # data-parallel (gloo on CPU, nccl on GPU)
@@ -157,6 +158,9 @@ def run(args: argparse.Namespace) -> int:
         )
         if main:
             save_checkpoint(output / f"student_{name}.pth", students[name].state_dict())
+            for cache in summaries[name].get("teacher_cache", []):
+                how = f"built in {cache['build_seconds']:.1f} s" if cache["built_now"] else "reused"
+                print(f"[{name}] offline: teacher outputs {cache['folder']} ({cache['size_bytes'] / 1e6:.1f} MB, {how})", flush=True)
         timings[f"{name}_train"] = time.perf_counter() - t
     if not main:
         return 0
