@@ -15,7 +15,16 @@ from densekd.evaluation.coco_metrics import (
     frequency_group_ap,
 )
 from densekd.evaluation.detections import save_results, to_coco_results
-from densekd.evaluation.plots import plot_per_class_ap
+from densekd.evaluation.gains import (
+    SIGNIFICANCE_FACTOR,
+    PairedGain,
+    SeedSummary,
+    format_gain,
+    format_mean_std,
+    paired_gain,
+    seed_summary,
+)
+from densekd.evaluation.plots import plot_gains, plot_per_class_ap
 
 __all__ = [
     "BACKENDS",
@@ -23,11 +32,19 @@ __all__ = [
     "IOU_TYPES",
     "LVIS_FREQUENCIES",
     "LVIS_METRIC_NAMES",
+    "PairedGain",
+    "SIGNIFICANCE_FACTOR",
+    "SeedSummary",
     "evaluate_coco",
     "evaluate_lvis_style",
+    "format_gain",
+    "format_mean_std",
     "format_metrics_table",
     "frequency_group_ap",
+    "paired_gain",
+    "plot_gains",
     "plot_per_class_ap",
     "save_results",
+    "seed_summary",
     "to_coco_results",
 ]

@@ -1,10 +1,14 @@
 """Per-class AP bars for several models, classes sorted from frequent to rare, so a reader
-sees at a glance where distillation helped and whether the tail came along."""
+sees at a glance where distillation helped and whether the tail came along; and gains over a
+baseline with their seed error bars, per recipe."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Mapping, Sequence, Union
+
+if TYPE_CHECKING:
+    from densekd.evaluation.gains import PairedGain
 
 
 def plot_per_class_ap(
@@ -42,6 +46,69 @@ def plot_per_class_ap(
     axes.set_xlabel("category (training images), most frequent first")
     axes.set_title(title or "AP per category")
     axes.legend()
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_gains(
+    gains: Mapping[str, Mapping[str, Mapping[str, "PairedGain"]]],
+    metrics: Sequence[str],
+    path: Union[str, Path],
+    title: str = "",
+) -> Path:
+    """Write a PNG of gains over a baseline with seed error bars: one panel per metric, side by
+    side (e.g. APr | APf), one row per recipe, one bar per schedule.
+
+    Args:
+        gains: schedule -> recipe -> metric -> :class:`~densekd.evaluation.gains.PairedGain`
+            (fractions; plotted in percent). A recipe missing from a schedule (it failed) gets
+            no bar; a gain without spread (one seed) no error bar.
+        metrics: the metrics to plot, one panel each, in order.
+        path: PNG file to write.
+
+    Error bars are the std of the paired per-seed differences; ``*`` marks a significant gain.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
+    schedules = list(gains)
+    recipes = list(dict.fromkeys(r for schedule in schedules for r in gains[schedule]))
+    height = 0.8 / max(len(schedules), 1)
+    figure, axes = plt.subplots(
+        1, len(metrics), figsize=(4.2 * len(metrics) + 1.5, 0.45 * len(recipes) * max(len(schedules), 1) / 2 + 1.6),
+        sharey=True, squeeze=False,
+    )  # fmt: skip
+    for axis, metric in zip(axes[0], metrics):
+        for index, schedule in enumerate(schedules):
+            rows, values, errors, stars = [], [], [], []
+            for row, recipe in enumerate(recipes):
+                gain = gains[schedule].get(recipe, {}).get(metric)
+                if gain is None or gain.n == 0:
+                    y = row + (index - (len(schedules) - 1) / 2) * height
+                    axis.text(0.0, y, " no result", va="center", ha="left", fontsize=7, color="grey")
+                    continue
+                rows.append(row + (index - (len(schedules) - 1) / 2) * height)
+                values.append(100 * gain.mean)
+                errors.append(0.0 if gain.n < 2 else 100 * gain.std)
+                stars.append(gain.significant)
+            axis.barh(rows, values, height, xerr=errors, capsize=2, label=schedule)
+            for y, value, error, star in zip(rows, values, errors, stars):
+                if star:
+                    axis.text(value + math.copysign(error, value), y, " *", va="center", ha="left" if value >= 0 else "right")
+        axis.axvline(0.0, color="black", linewidth=0.8)
+        axis.set_xlabel(f"{metric} gain over baseline (AP points)")
+        axis.set_title(metric)
+    axes[0][0].set_yticks(range(len(recipes)))
+    axes[0][0].set_yticklabels(recipes, fontsize=8)
+    axes[0][0].invert_yaxis()
+    axes[0][-1].legend(title="schedule", fontsize=8)
+    figure.suptitle(title or "Gain over baseline (mean ± std of paired seeds; * significant)", fontsize=10)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
