@@ -117,6 +117,9 @@ class SegmentationDistiller(DistillerBase):
     def _level_role(self, level: str) -> str:
         return _LEVEL_ROLES.get(level, level)
 
+    def _level_pairing_hint(self) -> str:
+        return " LRASPP's 'high' pairs with FCN/DeepLabV3's 'out' and 'low' with 'aux'."
+
     # --- training-time behaviour --------------------------------------------------------
     def forward(self, images: Tensor, masks: Optional[Tensor] = None):
         """Training: ``loss_seg`` (and ``loss_aux`` with an aux head) plus one weighted
