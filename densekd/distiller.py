@@ -19,7 +19,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from .adapters.detection import PER_ANCHOR_OUTPUTS, ROI_OUTPUTS, DetectorAdapter, RCNNAdapter, adapter_for
 from .adapters.segmentation import is_segmentation_model
-from .distiller_base import SELF_DISTILLATION_MODES, DistillerBase
+from .distiller_base import DistillerBase
 from .label_smoothing import check_label_smoothing, smoothed_focal_loss, smoothed_roi_classification_loss
 from .outputs import DenseOutputs
 from .pairs import StepContext, teacher_needs, term_loss

@@ -102,7 +102,7 @@ class SegmentationDistiller(DistillerBase):
         if term.confidence_weighting and not pixel_wise:
             raise ValueError(
                 f"Term {term.name!r}: confidence_weighting weights pixels by the teacher's top class "
-                f"probability; it applies to pixel-wise logit losses ({', '.join(('pixel_kl', 'focal_kl', 'margin', 'dkd'))})."
+                "probability; it applies to pixel-wise logit losses (pixel_kl, focal_kl, margin, dkd)."
             )
         if term.class_temperature_spread and not pixel_wise:
             raise ValueError(
