@@ -1,12 +1,20 @@
 """densekd: knowledge distillation for torchvision detection and segmentation models."""
-from .adapters import adapter_for
+from .adapters import SegmentationAdapter, adapter_for, is_segmentation_model
 from .connectors import FeatureConnector
 from .distiller import Distiller
-from .outputs import DenseOutputs
+from .outputs import DenseOutputs, SegmentationOutputs
+from .segmentation_distiller import SegmentationDistiller
+from .segmentation_training import SegmentationTraining
 from .schedules import Constant, Cosine, Linear, Step, build_schedule
 from .taps import Tap
 from .terms import LOSSES_BY_OUTPUT, Term
-from .weighting import class_weights, lvis_frequency_groups, per_class_temperature, repeat_factors
+from .weighting import (
+    class_weights,
+    lvis_frequency_groups,
+    per_class_temperature,
+    repeat_factors,
+    segmentation_class_counts,
+)
 
 __all__ = [
     "Constant",
@@ -16,15 +24,21 @@ __all__ = [
     "FeatureConnector",
     "LOSSES_BY_OUTPUT",
     "Linear",
+    "SegmentationAdapter",
+    "SegmentationDistiller",
+    "SegmentationOutputs",
+    "SegmentationTraining",
     "Step",
     "Tap",
     "Term",
     "adapter_for",
     "build_schedule",
     "class_weights",
+    "is_segmentation_model",
     "lvis_frequency_groups",
     "per_class_temperature",
     "repeat_factors",
+    "segmentation_class_counts",
 ]
 
 __version__ = "0.1.0"

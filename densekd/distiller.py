@@ -9,8 +9,8 @@ After training, ``distiller.student`` is the plain torchvision model.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
+import inspect
 from typing import Optional, Sequence, Union
 
 import torch
@@ -18,29 +18,28 @@ from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
 from .adapters.detection import PER_ANCHOR_OUTPUTS, ROI_OUTPUTS, DetectorAdapter, RCNNAdapter, adapter_for
-from .connectors import FeatureConnector
+from .adapters.segmentation import is_segmentation_model
+from .distiller_base import DistillerBase
 from .label_smoothing import check_label_smoothing, smoothed_focal_loss, smoothed_roi_classification_loss
 from .outputs import DenseOutputs
-from .pairs import StepContext, connector_key, teacher_needs, term_loss
+from .pairs import StepContext, teacher_needs, term_loss
+from .segmentation_distiller import SegmentationDistiller
 from .taps import Tap
 from .terms import Term
 
 GEOMETRIES = ("student", "own")
-SELF_DISTILLATION_MODES = ("ema", "snapshot")
 # Outputs compared class by class: teacher and student must share the label space.
 _CLASS_INDEXED_OUTPUTS = frozenset(
     {"cls_logits", "centerness", "box_regression", "roi_class_logits", "roi_box_regression", "mask_logits"}
 )
 
 
-def _frozen(model: nn.Module) -> nn.Module:
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-class Distiller(nn.Module):
+class Distiller(DistillerBase):
     """Distill one or more frozen teachers into a torchvision detector.
+
+    Given a torchvision segmentation model (FCN, DeepLabV3, LRASPP) as ``student``,
+    ``Distiller(...)`` builds and returns a
+    :class:`~densekd.segmentation_distiller.SegmentationDistiller` with the same arguments.
 
     Args:
         student: the torchvision detector to train (FasterRCNN, MaskRCNN, RetinaNet, FCOS).
@@ -60,6 +59,23 @@ class Distiller(nn.Module):
             feature shapes (connectors, stride checks).
     """
 
+    class_indexed_outputs = _CLASS_INDEXED_OUTPUTS
+
+    def __new__(cls, student: Optional[nn.Module] = None, *args, **kwargs):
+        # A segmentation student gets its own distiller (returned instead of a Distiller, so
+        # Python does not run __init__ below on it). Without arguments (unpickling, deepcopy)
+        # this is a plain allocation.
+        if cls is Distiller and student is not None and is_segmentation_model(student):
+            # Positional arguments are read by Distiller's signature; the rest (aux_weight,
+            # ignore_index) go to SegmentationDistiller as they are.
+            signature = inspect.signature(Distiller.__init__)
+            own = {k: v for k, v in kwargs.items() if k in signature.parameters}
+            others = {k: v for k, v in kwargs.items() if k not in own}
+            arguments = signature.bind(None, student, *args, **own).arguments
+            del arguments["self"]
+            return SegmentationDistiller(**arguments, **others)
+        return super().__new__(cls)
+
     def __init__(
         self,
         student: nn.Module,
@@ -71,22 +87,10 @@ class Distiller(nn.Module):
         label_smoothing: float = 0.0,
         probe_size: int = 128,
     ):
-        super().__init__()
-        teachers = [teachers] if isinstance(teachers, nn.Module) else list(teachers)
-        if not teachers:
-            raise ValueError("A Distiller needs at least one teacher (or use Distiller.self_distillation).")
+        super().__init__(student, teachers, terms, teacher_weights, warmup_iters)
         if teacher_geometry not in GEOMETRIES:
             raise ValueError(f"teacher_geometry must be one of {GEOMETRIES}, got {teacher_geometry!r}.")
-        self.student = student
-        self.teachers = nn.ModuleList(_frozen(t) for t in teachers)
-        self.teacher_weights = self._normalized_weights(teacher_weights, len(teachers))
         self.teacher_geometry = teacher_geometry
-        self.warmup_iters = int(warmup_iters)
-        self.terms = list(terms)
-        self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
-        self.self_distillation_mode: Optional[str] = None
-        self.ema_decay: Optional[float] = None
-        self.last_terms: dict[str, dict[str, Tensor]] = {}
         self.teacher_caches: Optional[list] = None  # offline distillation, see use_teacher_cache
 
         self.student_adapter = adapter_for(student)
@@ -98,87 +102,16 @@ class Distiller(nn.Module):
         student_shapes = self._probe(self.student_adapter, probe_size)
         teacher_shapes = [self._probe(a, probe_size) for a in self.teacher_adapters]
         self._check_per_anchor_terms(student_shapes, teacher_shapes)
-        self.level_pairs = {
-            term.name: [self._pair_levels(term, student_shapes, shapes) for shapes in teacher_shapes]
-            for term in self.terms
-            if term.on == "features"
-        }
-        self.connectors = self._build_connectors(student_shapes, teacher_shapes)
+        self._build_feature_pairs(student_shapes, teacher_shapes)
 
     # --- construction ----------------------------------------------------------------
-    @classmethod
-    def self_distillation(
-        cls,
-        student: nn.Module,
-        terms: Sequence[Term],
-        mode: str = "ema",
-        ema_decay: float = 0.999,
-        warmup_iters: int = 0,
-        **kwargs,
-    ) -> "Distiller":
-        """Distill the student into itself: the teacher is an exponential moving average of
-        the student (``mode="ema"``, updated before every training forward) or a frozen
-        snapshot taken when the warm-up ends (``mode="snapshot"``)."""
-        if mode not in SELF_DISTILLATION_MODES:
-            raise ValueError(f"Self-distillation mode must be one of {SELF_DISTILLATION_MODES}, got {mode!r}.")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}.")
-        distiller = cls(student, copy.deepcopy(student), terms, warmup_iters=warmup_iters, **kwargs)
-        distiller.self_distillation_mode = mode
-        distiller.ema_decay = ema_decay
-        return distiller
-
-    @staticmethod
-    def _normalized_weights(weights: Optional[Sequence[float]], count: int) -> list[float]:
-        if weights is None:
-            return [1.0 / count] * count
-        if len(weights) != count or any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"teacher_weights must be {count} non-negative numbers with a positive sum, got {weights}.")
-        return [float(w) / sum(weights) for w in weights]
-
-    def _check_terms(self) -> None:
-        names = [t.name for t in self.terms]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"Term names must be unique; repeated: {duplicates}. Give each term a distinct name=.")
-        num_classes = self.student_adapter.num_classes
-        for term in self.terms:
-            for role, adapter in [("student", self.student_adapter)] + [
-                (f"teacher {i}", a) for i, a in enumerate(self.teacher_adapters)
-            ]:
-                if term.on not in adapter.provides:
-                    raise ValueError(
-                        f"Term {term.name!r} distills {term.on!r}, which the {role} "
-                        f"({type(adapter.model).__name__}) does not produce; it produces: {', '.join(sorted(adapter.provides))}."
-                    )
-                if term.on in _CLASS_INDEXED_OUTPUTS and adapter.num_classes != num_classes:
-                    raise ValueError(
-                        f"Term {term.name!r} compares {term.on!r} class by class, but the {role} predicts "
-                        f"{adapter.num_classes} classes and the student {num_classes}. Build both with the same "
-                        "num_classes and category order, or distill features only."
-                    )
-            if term.loss == "teacher_bounded" and term.on not in self.student_adapter.matchable_box_outputs:
-                raise ValueError(
-                    f"Term {term.name!r}: teacher-bounded regression needs ground-truth matches for {term.on!r}, "
-                    f"which {type(self.student_adapter.model).__name__} assigns only inside its loss function. "
-                    "Use 'delta_l1', 'delta_l2' or 'giou' instead."
-                )
-            if term.class_weights is not None and term.class_weights.numel() not in self.student_adapter.label_counts:
-                raise ValueError(
-                    f"Term {term.name!r}: class_weights has {term.class_weights.numel()} entries; the student "
-                    f"predicts labels 1..K with K in {sorted(self.student_adapter.label_counts)}: one weight per label."
-                )
-
-    @torch.no_grad()
-    def _probe(self, adapter: DetectorAdapter, size: int) -> dict[str, tuple[int, int, int]]:
-        """Level name -> (C, H, W) of the backbone's features on a blank image."""
-        model = adapter.model
-        was_training = model.training
-        model.eval()  # keep BatchNorm statistics untouched
-        device = next(model.parameters()).device
-        features = adapter.features_of(torch.zeros(1, 3, size, size, device=device))
-        model.train(was_training)
-        return {name: tuple(f.shape[1:]) for name, f in features.items()}
+    def _check_family_term(self, term: Term) -> None:
+        if term.loss == "teacher_bounded" and term.on not in self.student_adapter.matchable_box_outputs:
+            raise ValueError(
+                f"Term {term.name!r}: teacher-bounded regression needs ground-truth matches for {term.on!r}, "
+                f"which {type(self.student_adapter.model).__name__} assigns only inside its loss function. "
+                "Use 'delta_l1', 'delta_l2' or 'giou' instead."
+            )
 
     def _check_per_anchor_terms(self, student_shapes: dict, teacher_shapes: list[dict]) -> None:
         per_anchor = [t for t in self.terms if t.on in PER_ANCHOR_OUTPUTS]
@@ -211,45 +144,7 @@ class Distiller(nn.Module):
                     f"or drop these terms. Terms that still work: {'; '.join(still_working)}."
                 )
 
-    def _pair_levels(self, term, student_shapes: dict, teacher_shapes: dict) -> list[tuple[str, str]]:
-        student_levels, teacher_levels = list(student_shapes), list(teacher_shapes)
-        chosen = term.levels if term.levels is not None else student_levels
-        unknown = [level for level in chosen if level not in student_levels]
-        if unknown:
-            raise ValueError(f"Term {term.name!r}: unknown levels {unknown}; the student's levels are {student_levels}.")
-        pairs = []
-        for level in chosen:
-            if level in teacher_levels:
-                pairs.append((level, level))
-            elif len(student_levels) == len(teacher_levels):
-                pairs.append((level, teacher_levels[student_levels.index(level)]))
-            else:
-                raise ValueError(
-                    f"Term {term.name!r}: cannot pair student level {level!r}; student levels {student_levels}, "
-                    f"teacher levels {teacher_levels}. Choose levels= present in both."
-                )
-        return pairs
-
-    def _build_connectors(self, student_shapes: dict, teacher_shapes: list[dict]) -> nn.ModuleDict:
-        connectors = nn.ModuleDict()
-        for term in self.terms:
-            if term.on != "features":
-                continue
-            for index, shapes in enumerate(teacher_shapes):
-                for student_level, teacher_level in self.level_pairs[term.name][index]:
-                    student_channels, teacher_channels = student_shapes[student_level][0], shapes[teacher_level][0]
-                    target = teacher_channels if term.needs_matching_channels else None
-                    connectors[connector_key(term, index, student_level)] = FeatureConnector(student_channels, target)
-        device = next(self.student.parameters()).device
-        return connectors.to(device)
-
     # --- training-time behaviour --------------------------------------------------------
-    def train(self, mode: bool = True) -> "Distiller":
-        super().train(mode)
-        for teacher in self.teachers:
-            teacher.eval()  # BatchNorm and dropout of a teacher never switch to training
-        return self
-
     def use_teacher_cache(self, caches) -> "Distiller":
         """Offline distillation: read each teacher's outputs from its cache
         (:mod:`densekd.teacher_cache`, one per teacher, in order) by ``targets[i]["image_id"]``
@@ -266,10 +161,6 @@ class Distiller(nn.Module):
         self.teacher_caches = caches
         return self
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Student and connector parameters: what an optimizer should update."""
-        return [p for p in list(self.student.parameters()) + list(self.connectors.parameters()) if p.requires_grad]
-
     def forward(self, images: list[Tensor], targets: Optional[list[dict[str, Tensor]]] = None):
         """Training: the student's torchvision loss dict plus one weighted ``kd_<term>`` entry
         per term. Evaluation: whatever the student returns (its detections)."""
@@ -281,15 +172,13 @@ class Distiller(nn.Module):
         with smoothed_focal_loss(adapter, self.label_smoothing), tap:
             losses = self.student(images, targets)
             records = tap.read()
-        iteration = int(self.iteration)
-        self.iteration += 1
+        iteration = self._next_iteration()
         student_outputs = adapter.collect(records)
         if self.label_smoothing and isinstance(adapter, RCNNAdapter):
             labels = torch.cat(adapter.assign_rois(student_outputs.roi_proposals, student_outputs.gt_boxes, student_outputs.gt_labels)[1])
             losses["loss_classifier"] = smoothed_roi_classification_loss(student_outputs, labels, self.label_smoothing)
-        if not self.terms or iteration < self.warmup_iters:
-            zero = next(iter(losses.values())).new_zeros(())
-            return {**losses, **{term.key: zero for term in self.terms}}
+        if not self._distills_at(iteration):
+            return self._with_zero_terms(losses)
         with torch.no_grad():
             if self.teacher_caches is not None:
                 image_ids = _image_ids(targets)
@@ -308,13 +197,7 @@ class Distiller(nn.Module):
             self.level_pairs,
             iteration,
         )
-        self.last_terms = {}
-        for term in self.terms:
-            unscaled = term_loss(term, context)
-            weight = float(term.weight_at(iteration))
-            losses[term.key] = weight * unscaled
-            self.last_terms[term.key] = {"unscaled": unscaled.detach(), "weight": torch.tensor(weight)}
-        return losses
+        return self._add_terms(losses, context, term_loss, iteration)
 
     def _run_teacher(self, index: int, images: list[Tensor], student_batch: ImageList, student: DenseOutputs) -> DenseOutputs:
         adapter = self.teacher_adapters[index]
@@ -338,20 +221,6 @@ class Distiller(nn.Module):
         for image_index, (height, width) in enumerate(batch.image_sizes):
             valid[image_index, :, :height, :width] = 1
         return ImageList(renormalized * valid, batch.image_sizes)
-
-    @torch.no_grad()
-    def _update_self_teacher(self) -> None:
-        if self.self_distillation_mode is None:
-            return
-        teacher = self.teachers[0]
-        if self.self_distillation_mode == "snapshot":
-            if int(self.iteration) == self.warmup_iters:
-                teacher.load_state_dict(self.student.state_dict())
-            return
-        for teacher_param, student_param in zip(teacher.parameters(), self.student.parameters()):
-            teacher_param.lerp_(student_param.detach(), 1.0 - self.ema_decay)
-        for teacher_buffer, student_buffer in zip(teacher.buffers(), self.student.buffers()):
-            teacher_buffer.copy_(student_buffer)
 
 
 def _image_ids(targets: list[dict[str, Tensor]]) -> list[int]:

@@ -60,3 +60,20 @@ class DenseOutputs:
     """Per image (G_i, 4) xyxy boxes."""
     gt_labels: Optional[list[Tensor]] = None
     """Per image (G_i,) int64 labels in 1..K."""
+
+
+@dataclass
+class SegmentationOutputs:
+    """What one forward pass of a torchvision segmentation model (FCN, DeepLabV3, LRASPP)
+    exposes to distillation. K classes (all channels, background included where the dataset
+    has one), (H, W) the input batch's size."""
+
+    features: dict[str, Tensor] = field(default_factory=dict)
+    """Backbone level name -> (N, C, H_l, W_l): {"aux", "out"} (FCN, DeepLabV3; "aux" only with
+    an auxiliary head) or {"low", "high"} (LRASPP), in the backbone's order."""
+    seg_logits: Optional[Tensor] = None
+    """(N, K, H, W) the model's final "out", upsampled to the input size."""
+    aux_logits: Optional[Tensor] = None
+    """(N, K, H, W) the auxiliary head's "aux", upsampled to the input size (None without one)."""
+    masks: Optional[Tensor] = None
+    """(N, H, W) int64 ground-truth classes 0..K-1 or the ignore index (student side only)."""

@@ -23,7 +23,11 @@ ScheduleSpec = Union[float, int, dict, Callable[[int], float]]
 SOFTMAX_LOGIT_LOSSES = ("kl", "focal_kl", "margin", "dkd")
 SIGMOID_LOGIT_LOSSES = ("binary_kd", "focal_binary_kd")
 BOX_LOSSES = ("delta_l1", "delta_l2", "delta_smooth_l1", "teacher_bounded", "giou")
-FEATURE_LOSSES = ("hint", "masked_imitation", "cwd", "pkd", "attention", "channel_attention", "relation")
+FEATURE_LOSSES = (
+    "hint", "masked_imitation", "cwd", "pkd", "attention", "channel_attention", "relation", "pairwise_affinity",
+)
+# Segmentation logits (N, K, H, W): per-pixel softmax losses, and CWD over each class channel's positions.
+SEGMENTATION_LOGIT_LOSSES = ("pixel_kl", "cwd", "focal_kl", "margin", "dkd")
 # Feature losses that compare channel by channel need a 1x1 connector on a channel mismatch;
 # the others compare maps without a channel axis and only need the spatial sizes aligned.
 CHANNEL_MATCHED_FEATURE_LOSSES = frozenset({"hint", "masked_imitation", "cwd", "pkd", "channel_attention"})
@@ -39,6 +43,8 @@ LOSSES_BY_OUTPUT: dict[str, tuple[str, ...]] = {
     "rpn_box_regression": BOX_LOSSES,
     "roi_box_regression": BOX_LOSSES,
     "roi_features": ("relation",),
+    "seg_logits": SEGMENTATION_LOGIT_LOSSES,
+    "aux_logits": SEGMENTATION_LOGIT_LOSSES,
 }
 
 # Outputs whose positions are weighted by the teacher's confidence unless a term says otherwise:
@@ -48,7 +54,7 @@ CONFIDENCE_WEIGHTED_BY_DEFAULT = frozenset({"box_regression", "rpn_box_regressio
 CLASS_AGNOSTIC_OUTPUTS = frozenset({"rpn_objectness", "rpn_box_regression", "roi_features"})
 
 # Arguments the glue supplies itself; a term's params may not set them.
-_SUPPLIED_ARGUMENTS = frozenset({"temperature", "weights", "target", "target_deltas", "foreground", "mask"})
+_SUPPLIED_ARGUMENTS = frozenset({"temperature", "weights", "target", "target_deltas", "foreground", "mask", "ignore"})
 
 
 @dataclass
@@ -58,15 +64,17 @@ class Term:
     Args:
         loss: name in ``densekd.losses.LOSSES`` (e.g. "kl", "binary_kd", "cwd").
         on: the recorded output it compares, a key of ``LOSSES_BY_OUTPUT``
-            (e.g. "roi_class_logits", "cls_logits", "features").
+            (e.g. "roi_class_logits", "cls_logits", "features", "seg_logits").
         weight: multiplier of the loss, a number or a schedule over iterations
             (a ``densekd.schedules`` spec such as ``{"kind": "linear", ...}``).
         temperature: softening temperature T for logit losses (number or schedule).
         params: extra keyword arguments of the loss function (e.g. ``{"gamma": 2.0}``).
-        levels: FPN level names for feature terms (default: all levels).
+        levels: FPN level names for feature terms (default: all levels); for segmentation,
+            backbone levels ("out", "aux"; LRASPP "high", "low").
         class_weights: (K,) per-class weights, mean 1 (see ``densekd.weighting``);
             applied per class channel, per RoI (matched GT label), per GT box in
-            foreground masks and per matched box for box terms.
+            foreground masks and per matched box for box terms; for segmentation logits
+            per pixel (its ground-truth class) or per class channel (CWD).
         class_temperature_spread: > 0 gives rarer classes a warmer temperature
             (``densekd.weighting.per_class_temperature``); needs ``class_weights``.
         confidence_weighting: weight positions by the teacher's confidence; default on

@@ -9,6 +9,7 @@ each class has) into small tensors that the distiller multiplies into its terms:
 * :func:`per_class_temperature` -- a KD temperature per class, warmer for rare classes.
 * :func:`repeat_factors` -- LVIS repeat-factor sampling weights, one per image.
 * :func:`lvis_frequency_groups` -- LVIS rare / common / frequent split.
+* :func:`segmentation_class_counts` -- per-class pixel or image counts of segmentation masks.
 
 Class indexing: every ``(K,)`` tensor here is indexed by *foreground* class
 ``0 .. K-1``.  torchvision detection targets number foreground classes ``1 .. K``
@@ -20,7 +21,7 @@ tensor and at index ``c`` of the ``(K + 1,)`` tensor from
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -36,6 +37,7 @@ __all__ = [
     "label_channel_layout",
     "per_class_temperature",
     "class_counts_from_labels",
+    "segmentation_class_counts",
     "repeat_factors",
 ]
 
@@ -387,3 +389,64 @@ def repeat_factors(
         if idx.numel():
             out[i] = class_factor[idx].max()
     return out.to(torch.float32)  # (num_images,)
+
+
+# ---------------------------------------------------------------------------
+# Segmentation: counts from masks
+# ---------------------------------------------------------------------------
+
+SEGMENTATION_COUNT_UNITS = ("pixels", "images")
+
+
+def segmentation_class_counts(
+    masks: Union[Tensor, Iterable[Tensor]],
+    num_classes: int,
+    ignore_index: Optional[int] = 255,
+    by: str = "pixels",
+) -> Tensor:
+    """Per-class counts of segmentation ground truth, ``(K,)`` int64, for :func:`class_weights`.
+
+    Segmentation labels are the class channels ``0 .. K-1`` (background, where the dataset has
+    one, is a class like the others); pixels labelled ``ignore_index`` are not counted.
+
+    Args:
+        masks: one ``(N, H, W)`` / ``(H, W)`` integer tensor, or an iterable of them (e.g. the
+            training set's masks, image by image; sizes may differ).
+        num_classes: K.
+        ignore_index: label of pixels without ground truth (None: every pixel counts).
+        by: ``"pixels"``: number of pixels of each class (class pixel frequency);
+            ``"images"``: number of images in which the class appears (image frequency,
+            what :func:`lvis_frequency_groups` expects).
+
+    Example::
+
+        pixels = segmentation_class_counts(train_masks, 21, by="pixels")
+        weights = class_weights(pixels, method="sqrt_inverse")     # (21,), mean 1
+    """
+    if by not in SEGMENTATION_COUNT_UNITS:
+        raise ValueError(unknown_name_message("count unit", by, SEGMENTATION_COUNT_UNITS))
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    counts = torch.zeros(num_classes, dtype=torch.int64)
+    batches = [masks] if isinstance(masks, Tensor) else masks
+    for index, batch in enumerate(batches):
+        batch = torch.as_tensor(batch)
+        if batch.is_floating_point() or batch.dim() not in (2, 3):
+            raise ValueError(
+                f"masks[{index}] must be an integer (H, W) or (N, H, W) tensor of class indices, "
+                f"got dtype {batch.dtype} and shape {tuple(batch.shape)}"
+            )
+        images = batch.reshape(-1, *batch.shape[-2:]).to("cpu", torch.int64)  # (N, H, W)
+        for image in images:
+            labels = image.reshape(-1)
+            if ignore_index is not None:
+                labels = labels[labels != ignore_index]
+            if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+                bad = sorted(set(labels[(labels < 0) | (labels >= num_classes)].unique().tolist()))[:5]
+                raise ValueError(
+                    f"masks[{index}] holds labels {bad} outside 0..{num_classes - 1} and not the "
+                    f"ignore_index {ignore_index}; pass the model's num_classes or the dataset's ignore_index"
+                )
+            per_class = torch.bincount(labels, minlength=num_classes)  # (K,) pixels of each class
+            counts += per_class if by == "pixels" else (per_class > 0).long()
+    return counts

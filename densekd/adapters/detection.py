@@ -85,6 +85,10 @@ class DetectorAdapter(ABC):
         """What must be equal for per-anchor outputs of two models to pair (None: no anchors)."""
         return None
 
+    def missing_output_hint(self, output: str) -> str:
+        """How to get ``output`` from a model of this family that lacks it ('' when no advice)."""
+        return ""
+
     def features_of(self, images_tensor: Tensor) -> "dict[str, Tensor]":
         features = self.model.backbone(images_tensor)
         if isinstance(features, Tensor):  # torchvision's convention for single-level backbones

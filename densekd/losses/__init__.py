@@ -52,6 +52,7 @@ from .logits import (
     kl_div_kd,
     margin_kd,
 )
+from .segmentation import PairwiseAffinityKD, PixelKLKD, pairwise_affinity_kd, pixel_class_weights, pixel_kl_kd
 
 LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
     "kl": kl_div_kd,
@@ -72,6 +73,8 @@ LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
     "attention": spatial_attention_loss,
     "channel_attention": channel_attention_loss,
     "relation": relation_loss,
+    "pixel_kl": pixel_kl_kd,
+    "pairwise_affinity": pairwise_affinity_kd,
 }
 
 
@@ -126,4 +129,10 @@ __all__ = [
     "SpatialAttentionLoss",
     "ChannelAttentionLoss",
     "RelationLoss",
+    # segmentation
+    "pixel_kl_kd",
+    "pairwise_affinity_kd",
+    "pixel_class_weights",
+    "PixelKLKD",
+    "PairwiseAffinityKD",
 ]

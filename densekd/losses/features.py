@@ -105,7 +105,13 @@ def masked_imitation_loss(
     return fg_weight * fg + bg_weight * bg
 
 
-def channel_wise_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+def channel_wise_kd(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float = 4.0,
+    ignore: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Channel-wise distillation (CWD).
 
     Shu, Liu, Gao, Yan & Shen, 2021, "Channel-wise Knowledge Distillation for Dense Prediction"
@@ -113,15 +119,51 @@ def channel_wise_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: f
     loss = ``T^2 * KL(teacher || student)`` summed over positions, averaged over the N*C channels
     (as the official implementation: sum / (N * C)).
 
+    Notes (additions to the paper, both off by default): ``ignore`` removes positions from every
+    channel's distribution, as if the map did not contain them (the softmax runs over the kept
+    positions only), so ignored pixels of segmentation logits (e.g. VOC's void boundaries) change
+    neither student nor teacher distribution; a channel with no kept position is left out of the
+    mean. ``weights`` turns the mean over channels into a weighted mean; on segmentation logits,
+    channel c is class c, so class weights apply per channel.
+
     Args:
         student: (N, C, H, W), projected to the teacher's shape (e.g. segmentation logits).
         teacher: (N, C, H, W).
         temperature: softmax temperature T over positions.
+        ignore: (N, H, W) bool, True at positions left out of every channel's distribution, or None.
+        weights: (C,) or (N, C) non-negative per-channel weights, or None.
     """
     _check_feature_maps(student, teacher)
     n, c, h, w = student.shape
     # (N, C, H, W) -> (N*C, H*W): one distribution over positions per channel
-    return kl_div_kd(student.reshape(n * c, h * w), teacher.reshape(n * c, h * w), temperature)
+    rows_s, rows_t = student.reshape(n * c, h * w), teacher.reshape(n * c, h * w)
+    channel_weights = None
+    if weights is not None:
+        weights = torch.as_tensor(weights, dtype=student.dtype, device=student.device)
+        if weights.shape not in ((c,), (n, c)):
+            raise ValueError(f"weights must have shape ({c},) or ({n}, {c}) for maps {tuple(student.shape)}, "
+                             f"got {tuple(weights.shape)}")
+        channel_weights = weights.expand(n, c).reshape(n * c)  # (C,) or (N, C) -> (N*C,)
+    if ignore is None:
+        return kl_div_kd(rows_s, rows_t, temperature, channel_weights)
+    if ignore.shape != (n, h, w):
+        raise ValueError(f"ignore must have shape {(n, h, w)} for maps {tuple(student.shape)}, got {tuple(ignore.shape)}")
+    keep = (~ignore.bool()).reshape(n, 1, h * w).expand(n, c, h * w).reshape(n * c, h * w)  # (N*C, H*W)
+    has_kept = keep.any(dim=1)  # (N*C,); channels of a fully ignored image drop out
+    # A fully ignored row keeps all positions (finite softmax) and gets weight 0 below.
+    keep = keep | ~has_kept[:, None]
+
+    def kept_log_softmax(rows: torch.Tensor) -> torch.Tensor:  # (N*C, H*W), 0 at left-out positions
+        log_p = F.log_softmax((rows / temperature).masked_fill(~keep, float("-inf")), dim=1)
+        return torch.where(keep, log_p, torch.zeros_like(log_p))
+
+    log_p_s, log_p_t = kept_log_softmax(rows_s), kept_log_softmax(rows_t.detach())
+    p_t = torch.where(keep, log_p_t.exp(), torch.zeros_like(log_p_t))
+    per_channel = (p_t * (log_p_t - log_p_s)).sum(dim=1) * temperature**2  # (N*C,)
+    row_weights = has_kept.to(student.dtype)
+    if channel_weights is not None:
+        row_weights = row_weights * channel_weights
+    return _weighted_mean(per_channel, row_weights)
 
 
 def _standardize_per_channel(feat: torch.Tensor, eps: float) -> torch.Tensor:
@@ -190,8 +232,8 @@ class ChannelWiseKD(nn.Module):
         super().__init__()
         self.temperature = temperature
 
-    def forward(self, student, teacher):
-        return channel_wise_kd(student, teacher, self.temperature)
+    def forward(self, student, teacher, ignore=None, weights=None):
+        return channel_wise_kd(student, teacher, self.temperature, ignore, weights)
 
 
 class PearsonKD(nn.Module):

@@ -7,7 +7,7 @@ from densekd.losses import LOSSES, get_loss, kl_div_kd
 EXPECTED_NAMES = {
     "kl", "binary_kd", "focal_binary_kd", "focal_kl", "margin", "dkd", "delta_l1", "delta_l2",
     "delta_smooth_l1", "teacher_bounded", "giou", "hint", "masked_imitation", "cwd", "pkd",
-    "attention", "channel_attention", "relation",
+    "attention", "channel_attention", "relation", "pixel_kl", "pairwise_affinity",
 }
 
 
