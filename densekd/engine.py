@@ -3,7 +3,8 @@
 :func:`run_training` runs one resumable training phase (a :class:`TrainingJob`): it builds the
 optimizer, LR schedule and data loader, checkpoints atomically, resumes bitwise-exactly
 (``num_workers=0``, CPU), stops cleanly on SIGINT/SIGTERM, skips non-finite steps
-(:mod:`densekd.nonfinite`) and runs under ``torchrun`` (DistributedDataParallel).
+(:mod:`densekd.nonfinite`), checks its output folder before training
+(:mod:`densekd.output_checks`) and runs under ``torchrun`` (DistributedDataParallel).
 ``evaluate`` takes any detector that returns torchvision-style detections in eval mode.
 """
 from __future__ import annotations
@@ -41,12 +42,15 @@ from .nonfinite import (
     gradient_norm,
     nonfinite_entries,
 )
+from .output_checks import CheckpointWriteError, OutputFolderError, check_checkpoint_folder, checkpoint_bytes
 
 __all__ = [
     "INTERRUPTED_EXIT_CODE",
     "LR_SCHEDULES",
     "OPTIMIZERS",
+    "CheckpointWriteError",
     "NonFiniteTrainingError",
+    "OutputFolderError",
     "TrainingInterrupted",
     "TrainingJob",
     "build_lr_lambda",
@@ -347,18 +351,54 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 # --- checkpoints, RNG states ---------------------------------------------------------------
 def save_checkpoint(path: Union[str, os.PathLike], state: dict[str, Any]) -> None:
-    """``torch.save(state)`` atomically: a temporary file in the same folder, then ``os.replace``,
-    so a crash never leaves a truncated checkpoint where a complete one is expected."""
+    """``torch.save(state)`` atomically and durably: a temporary file in the same folder,
+    fsynced, then ``os.replace``, so a crash never leaves a truncated checkpoint where a complete
+    one is expected. A write that fails (e.g. a full disk) removes the temporary file, leaves
+    the previous checkpoint as it was and raises :class:`CheckpointWriteError`, naming the path
+    and the cause."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise CheckpointWriteError(path, error) from error
     try:
         with os.fdopen(handle, "wb") as file:
             torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        cause = _os_error_in(error)
+        if cause is not None:  # torch.save reports a failed write as a RuntimeError around it
+            raise CheckpointWriteError(path, cause) from error
         raise
+    _fsync_folder(path.parent)  # the rename itself survives a power cut
+
+
+def _os_error_in(error: BaseException) -> Optional[OSError]:
+    """``error`` itself, or the exception it was raised from or during, if one is an OSError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows: folders cannot be opened
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass  # some file systems refuse fsync on folders; the data itself is synced
+    finally:
+        os.close(handle)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -584,7 +624,9 @@ def run_training(job: TrainingJob, resume: bool = False) -> dict[str, Any]:
       window, the settings, and ``finished``. ``resume=True`` continues from it (nothing to
       resume: start from scratch; finished: load the weights and return the stored summary);
       different iterations / optimizer settings / batch size / world size are refused.
-      Without ``resume`` an existing checkpoint is overwritten.
+      Without ``resume`` an existing checkpoint is overwritten. Before any step, the output
+      folder must be writable with room for the checkpoint (:class:`OutputFolderError`); a
+      checkpoint write that fails raises :class:`CheckpointWriteError` and keeps the previous one.
     * SIGINT/SIGTERM (main thread): the current step finishes, a checkpoint is written, and
       :class:`TrainingInterrupted` is raised; the previous handlers are restored.
     * Non-finite steps (:mod:`densekd.nonfinite`): a step whose loss entries or gradient norm
@@ -630,6 +672,10 @@ def run_training(job: TrainingJob, resume: bool = False) -> dict[str, Any]:
             return state["summary"]
 
     parameters = _trainable_parameters(model)
+    if main:
+        for stale in output_dir.glob(f".{path.name}.*.tmp"):  # left by a kill during a checkpoint write
+            stale.unlink(missing_ok=True)
+    check_checkpoint_folder(path, checkpoint_bytes(model, parameters, optim.optimizer), main, device)  # before any step
     optimizer = build_optimizer(parameters, optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(optim))
     iteration, epoch, consumed, previous_seconds = 0, 0, 0, 0.0
@@ -641,13 +687,9 @@ def run_training(job: TrainingJob, resume: bool = False) -> dict[str, Any]:
         scheduler.load_state_dict(state["scheduler"])
         iteration, epoch, consumed = int(state["iteration"]), int(state["epoch"]), int(state["samples_in_epoch"])
         previous_seconds = float(state["seconds"])
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in output_dir.glob(f".{path.name}.*.tmp"):  # left by a kill during a checkpoint write
-            stale.unlink(missing_ok=True)
-        if state is not None:
-            _truncate_log(log_path, iteration)
-            print(f"  {job.name}: resuming from {path} at iteration {iteration}/{optim.iterations}", flush=True)
+    if main and state is not None:
+        _truncate_log(log_path, iteration)
+        print(f"  {job.name}: resuming from {path} at iteration {iteration}/{optim.iterations}", flush=True)
     progress = _Progress(
         optim.iterations, job.log_every, log_path, "a" if state is not None else "w",
         output_dir / "tensorboard" / job.name, iteration, enabled=main,
