@@ -1,7 +1,7 @@
 """A tiny training job for the engine tests, importable (tiny model, dataset, job) and runnable as a
 script in a subprocess (kills, signals, torchrun).
 
-    python tests/engine/engine_job.py --out DIR [--resume] [--kill-at N] [--kill-in-save N] ...
+    python tests/engine/engine_job.py --out DIR [--resume] [--kill-at N] [--kill-in-save N [--kill-after-bytes B]] ...
 
 Exits with the engine's INTERRUPTED_EXIT_CODE after a SIGINT/SIGTERM, printing its message on stderr.
 """
@@ -163,8 +163,39 @@ def weights_hash(model: nn.Module) -> tuple[str, str]:
     return repr(total), digest.hexdigest()
 
 
-def _kill_in_save(iteration: int) -> None:
-    """Die (SIGKILL) after the checkpoint of ``iteration`` is written to its temp file, before the rename."""
+class _DyingFile:
+    """A file that SIGKILLs its process once ``budget`` bytes have gone through it."""
+
+    def __init__(self, file, budget: int) -> None:
+        self.file, self.budget, self.written = file, budget, 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.written + len(view) >= self.budget:
+            self.file.write(view[: self.budget - self.written])
+            self.file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.written += len(view)
+        return self.file.write(view)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _kill_in_save(iteration: int, after_bytes: int | None = None) -> None:
+    """Die (SIGKILL) inside the checkpoint write of ``iteration``: after ``after_bytes`` bytes of
+    it (a truncated temp file), or, without ``after_bytes``, after the whole temp file is written,
+    before the rename."""
+    if after_bytes is not None:
+        save = torch.save
+
+        def dying_save(obj, file, *args, **kwargs):
+            if isinstance(obj, dict) and obj.get("iteration") == iteration and hasattr(file, "write"):
+                file = _DyingFile(file, after_bytes)
+            return save(obj, file, *args, **kwargs)
+
+        torch.save = dying_save
+        return
     replace = os.replace
 
     def dying_replace(source, destination, *args, **kwargs):
@@ -184,6 +215,7 @@ def main() -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--kill-at", type=int, default=None, help="SIGKILL itself before step N+1 (N steps done)")
     parser.add_argument("--kill-in-save", type=int, default=None, help="SIGKILL itself inside the checkpoint write of iteration N")
+    parser.add_argument("--kill-after-bytes", type=int, default=None, help="with --kill-in-save: after B bytes of it")
     parser.add_argument("--nan-at", type=int, default=None, help="make loss entry bbox_ctrness NaN at step N (0-based)")
     parser.add_argument("--nan-rank", type=int, default=0, help="with --nan-at: only on this rank")
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep before each step")
@@ -209,7 +241,7 @@ def main() -> int:
 
     job.iteration_hooks.append(hook)
     if args.kill_in_save is not None:
-        _kill_in_save(args.kill_in_save)
+        _kill_in_save(args.kill_in_save, args.kill_after_bytes)
     try:
         summary = run_training(job, resume=args.resume)
     except TrainingInterrupted as interrupted:
