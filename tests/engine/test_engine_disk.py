@@ -31,7 +31,8 @@ def regressor_job(out, iterations=6, **settings):
 def test_an_output_folder_that_cannot_be_created_is_refused_before_any_step(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     job = regressor_job(tmp_path / "a_file" / "run")
-    with pytest.raises(OutputFolderError, match=rf"Cannot create the output folder {tmp_path / 'a_file' / 'run'}: .*--output"):
+    folder = tmp_path / "a_file" / "run"
+    with pytest.raises(OutputFolderError, match=rf"Cannot create the output folder {folder}: .*--output"):
         run_training(job)
     assert job.steps_started == []
 
