@@ -259,6 +259,15 @@ class OptimSection:
     clip_grad_norm: Optional[float] = 10.0
     label_smoothing: float = 0.0
     amp: bool = False  # CUDA only
+    max_nonfinite_steps: int = 5  # consecutive NaN/inf steps skipped before training stops (0: stop at the first)
+
+    def __post_init__(self) -> None:
+        value = self.max_nonfinite_steps
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(
+                f"max_nonfinite_steps must be a whole number >= 0 (consecutive non-finite steps skipped before "
+                f"training stops; 0 stops at the first), got {value!r}."
+            )
 
 
 @dataclass
@@ -322,7 +331,10 @@ def _build_section(where: str, cls, values: Mapping[str, Any]):
                 f"{where}: unknown key {key!r}.{did_you_mean(str(key), list(types))} Valid keys: {', '.join(types)}."
             )
         checked[key] = _check_value(f"{where}.{key}", value, types[key])
-    return cls(**checked)
+    try:
+        return cls(**checked)
+    except ConfigError as error:  # a section's own range checks name the key, not the section
+        raise ConfigError(f"{where}.{error}") from None
 
 
 def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,10 +2,10 @@
 
 :func:`run_training` runs one resumable training phase (a :class:`TrainingJob`): it builds the
 optimizer, LR schedule and data loader, checkpoints atomically, resumes bitwise-exactly
-(``num_workers=0``, CPU), stops cleanly on SIGINT/SIGTERM and runs under ``torchrun``
-(DistributedDataParallel). ``train`` is the older loop over a ready-made data loader, kept for
-callers that have not switched. ``evaluate`` takes any detector that returns torchvision-style
-detections in eval mode.
+(``num_workers=0``, CPU), stops cleanly on SIGINT/SIGTERM, skips non-finite steps
+(:mod:`densekd.nonfinite`), checks its output folder before training
+(:mod:`densekd.output_checks`) and runs under ``torchrun`` (DistributedDataParallel).
+``evaluate`` takes any detector that returns torchvision-style detections in eval mode.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import signal
 import tempfile
 import threading
 import time
+import warnings
 from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,23 @@ from ._names import unknown_name_message
 from .config import OptimSection
 from .data.coco import collate_detection
 from .evaluation import evaluate_coco, evaluate_lvis_style, to_coco_results
+from .nonfinite import (
+    BufferSnapshot,
+    NonFiniteGuard,
+    NonFiniteTrainingError,
+    agree_across_ranks,
+    gradient_norm,
+    nonfinite_entries,
+)
+from .output_checks import CheckpointWriteError, OutputFolderError, check_checkpoint_folder, checkpoint_bytes
 
 __all__ = [
     "INTERRUPTED_EXIT_CODE",
     "LR_SCHEDULES",
     "OPTIMIZERS",
+    "CheckpointWriteError",
+    "NonFiniteTrainingError",
+    "OutputFolderError",
     "TrainingInterrupted",
     "TrainingJob",
     "build_lr_lambda",
@@ -121,26 +134,33 @@ def _training_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     parameters: list[nn.Parameter],
     clip_grad_norm: Optional[float],
-    iteration: int,
     autocast: Callable[[], Any] = contextlib.nullcontext,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Forward (under ``autocast``), backward, clip, optimizer and scheduler step; ``iteration``
-    is the 1-based number of this step, for the error message."""
+    agree: Callable[[dict[str, float]], dict[str, float]] = lambda entries: entries,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, float]]:
+    """Forward (under ``autocast``), backward, clip, then the optimizer step unless a loss entry
+    or the gradient norm is not finite; the scheduler steps either way (see
+    :mod:`densekd.nonfinite`). ``agree`` merges the ranks' verdicts under DDP. Returns
+    ``(loss_dict, loss, nonfinite)``: ``nonfinite`` is empty for a step that was taken, else
+    names the entries (or :data:`~densekd.nonfinite.GRADIENT`) that were not finite."""
     with autocast():
         loss_dict = model(images, targets)
     loss = sum(loss_dict.values())
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"Non-finite loss at iteration {iteration}: "
-            f"{ {k: float(v) for k, v in loss_dict.items()} }. Lower the LR or the kd weights."
-        )
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()  # on every rank, finite or not: DDP all-reduces gradients inside backward
     if clip_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(parameters, clip_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    return loss_dict, loss
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad_norm)
+    else:
+        grad_norm = gradient_norm(parameters)
+    nonfinite = agree(nonfinite_entries(loss_dict, loss, grad_norm))
+    if nonfinite:
+        optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # the LR schedule follows the iteration, stepped or not
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            scheduler.step()
+    else:
+        optimizer.step()
+        scheduler.step()
+    return loss_dict, loss, nonfinite
 
 
 def _format_seconds(seconds: float) -> str:
@@ -187,6 +207,15 @@ class _Progress:
         self.window_steps = int(state["window_steps"])
         self.final_losses = state["final_losses"]
 
+    def note(self, line: str, record: dict[str, Any]) -> None:
+        """An event outside the logging window (a skipped step): printed and in the JSONL log."""
+        if not self.enabled:
+            return
+        print(line, flush=True)
+        if self.log is not None:
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
+
     def add(self, loss_dict: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
         for name, value in loss_dict.items():
             self.window[name] = self.window.get(name, 0.0) + float(value.detach())
@@ -200,8 +229,10 @@ class _Progress:
         total_seconds: float,
         session_seconds_per_iteration: float,
         last_terms: Optional[dict[str, dict[str, torch.Tensor]]],
+        skipped_steps: int = 0,
     ) -> None:
-        """``iteration``: steps done (1-based number of the step just taken)."""
+        """``iteration``: steps done (1-based number of the step just taken); ``skipped_steps``:
+        non-finite steps skipped so far (the window's means leave them out)."""
         if iteration % self.log_every != 0 and iteration != self.iterations:
             return
         means = {name: total / max(self.window_steps, 1) for name, total in self.window.items()}
@@ -210,12 +241,16 @@ class _Progress:
             return
         eta = session_seconds_per_iteration * (self.iterations - iteration)
         kd = "".join(f" {k}={v:.4f}" for k, v in means.items() if k.startswith("kd_"))
+        skipped = f"  skipped {skipped_steps}" if skipped_steps else ""
         print(
             f"  it {iteration:>5d}/{self.iterations}  loss {means.get('loss', float('nan')):.4f}{kd}  "
-            f"lr {lr:.2e}  {session_seconds_per_iteration:.2f}s/it  eta {_format_seconds(eta)}",
+            f"lr {lr:.2e}  {session_seconds_per_iteration:.2f}s/it  eta {_format_seconds(eta)}{skipped}",
             flush=True,
         )
-        record: dict[str, Any] = {"iteration": iteration, "lr": lr, "seconds": round(total_seconds, 3), "losses": means}
+        record: dict[str, Any] = {
+            "iteration": iteration, "lr": lr, "seconds": round(total_seconds, 3), "losses": means,
+            "skipped_steps": skipped_steps,
+        }  # fmt: skip
         if last_terms:
             record["kd_terms_last_step"] = {
                 key: {"unscaled": float(v["unscaled"]), "weight": float(v["weight"])} for key, v in last_terms.items()
@@ -316,18 +351,54 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 # --- checkpoints, RNG states ---------------------------------------------------------------
 def save_checkpoint(path: Union[str, os.PathLike], state: dict[str, Any]) -> None:
-    """``torch.save(state)`` atomically: a temporary file in the same folder, then ``os.replace``,
-    so a crash never leaves a truncated checkpoint where a complete one is expected."""
+    """``torch.save(state)`` atomically and durably: a temporary file in the same folder,
+    fsynced, then ``os.replace``, so a crash never leaves a truncated checkpoint where a complete
+    one is expected. A write that fails (e.g. a full disk) removes the temporary file, leaves
+    the previous checkpoint as it was and raises :class:`CheckpointWriteError`, naming the path
+    and the cause."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise CheckpointWriteError(path, error) from error
     try:
         with os.fdopen(handle, "wb") as file:
             torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        cause = _os_error_in(error)
+        if cause is not None:  # torch.save reports a failed write as a RuntimeError around it
+            raise CheckpointWriteError(path, cause) from error
         raise
+    _fsync_folder(path.parent)  # the rename itself survives a power cut
+
+
+def _os_error_in(error: BaseException) -> Optional[OSError]:
+    """``error`` itself, or the exception it was raised from or during, if one is an OSError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows: folders cannot be opened
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass  # some file systems refuse fsync on folders; the data itself is synced
+    finally:
+        os.close(handle)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -486,8 +557,11 @@ def _check_job(job: TrainingJob) -> None:
 
 
 def _resume_settings(job: TrainingJob, world_size: int) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed: the schedule and the per-rank sample count."""
-    return {"optim": dataclasses.asdict(job.optim), "batch_size": job.batch_size, "world_size": world_size}
+    """What a checkpoint must agree on to be resumed: the schedule and the per-rank sample count
+    (not the non-finite step limit, which a resumed run may raise)."""
+    optim = dataclasses.asdict(job.optim)
+    optim.pop("max_nonfinite_steps")
+    return {"optim": optim, "batch_size": job.batch_size, "world_size": world_size}
 
 
 def _check_resumable(path: Path, state: dict[str, Any], settings: dict[str, Any]) -> None:
@@ -550,9 +624,15 @@ def run_training(job: TrainingJob, resume: bool = False) -> dict[str, Any]:
       window, the settings, and ``finished``. ``resume=True`` continues from it (nothing to
       resume: start from scratch; finished: load the weights and return the stored summary);
       different iterations / optimizer settings / batch size / world size are refused.
-      Without ``resume`` an existing checkpoint is overwritten.
+      Without ``resume`` an existing checkpoint is overwritten. Before any step, the output
+      folder must be writable with room for the checkpoint (:class:`OutputFolderError`); a
+      checkpoint write that fails raises :class:`CheckpointWriteError` and keeps the previous one.
     * SIGINT/SIGTERM (main thread): the current step finishes, a checkpoint is written, and
       :class:`TrainingInterrupted` is raised; the previous handlers are restored.
+    * Non-finite steps (:mod:`densekd.nonfinite`): a step whose loss entries or gradient norm
+      are NaN/inf is skipped (no update; the iteration and LR schedule advance), printed and
+      logged with the entries' names; more than ``optim.max_nonfinite_steps`` in a row write a
+      checkpoint of the last good weights and raise :class:`NonFiniteTrainingError`.
     * Logging (rank 0): a progress line every ``log_every`` steps and at the end, a JSONL record
       in ``<output_dir>/<name>.jsonl`` (records past a resumed checkpoint are dropped), and
       TensorBoard scalars under ``<output_dir>/tensorboard/<name>`` when tensorboard is installed.
@@ -563,9 +643,10 @@ def run_training(job: TrainingJob, resume: bool = False) -> dict[str, Any]:
     weights, bit for bit, as an uninterrupted one (same device, same thread count).
 
     Returns:
-        ``{"iterations", "seconds", "seconds_per_iteration", "final_losses"}``: ``seconds``
-        counts every session; ``final_losses`` the loss means of the last logging window
-        (this rank's).
+        ``{"iterations", "seconds", "seconds_per_iteration", "final_losses", "skipped_steps",
+        "skipped_by_entry"}``: ``seconds`` counts every session; ``final_losses`` the loss means
+        of the last logging window (this rank's, skipped steps left out); ``skipped_steps`` the
+        non-finite steps skipped, ``skipped_by_entry`` how often each entry was non-finite.
     """
     _check_job(job)
     optim = job.optim
@@ -591,22 +672,24 @@ def run_training(job: TrainingJob, resume: bool = False) -> dict[str, Any]:
             return state["summary"]
 
     parameters = _trainable_parameters(model)
+    if main:
+        for stale in output_dir.glob(f".{path.name}.*.tmp"):  # left by a kill during a checkpoint write
+            stale.unlink(missing_ok=True)
+    check_checkpoint_folder(path, checkpoint_bytes(model, parameters, optim.optimizer), main, device)  # before any step
     optimizer = build_optimizer(parameters, optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(optim))
     iteration, epoch, consumed, previous_seconds = 0, 0, 0, 0.0
+    nonfinite = NonFiniteGuard(optim.max_nonfinite_steps)
     if state is not None:
+        nonfinite.load_state_dict(state.get("nonfinite"))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         iteration, epoch, consumed = int(state["iteration"]), int(state["epoch"]), int(state["samples_in_epoch"])
         previous_seconds = float(state["seconds"])
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in output_dir.glob(f".{path.name}.*.tmp"):  # left by a kill during a checkpoint write
-            stale.unlink(missing_ok=True)
-        if state is not None:
-            _truncate_log(log_path, iteration)
-            print(f"  {job.name}: resuming from {path} at iteration {iteration}/{optim.iterations}", flush=True)
+    if main and state is not None:
+        _truncate_log(log_path, iteration)
+        print(f"  {job.name}: resuming from {path} at iteration {iteration}/{optim.iterations}", flush=True)
     progress = _Progress(
         optim.iterations, job.log_every, log_path, "a" if state is not None else "w",
         output_dir / "tensorboard" / job.name, iteration, enabled=main,
@@ -647,6 +730,7 @@ def run_training(job: TrainingJob, resume: bool = False) -> dict[str, Any]:
             "seconds": seconds,
             "seconds_per_iteration": seconds / optim.iterations,
             "final_losses": progress.final_losses,
+            **nonfinite.summary(),
         }
 
     def checkpoint(finished: bool) -> None:
@@ -664,6 +748,7 @@ def run_training(job: TrainingJob, resume: bool = False) -> dict[str, Any]:
                     "samples_in_epoch": consumed,
                     "rng": rng_states,
                     "progress": progress.state_dict(),
+                    "nonfinite": nonfinite.state_dict(),
                     "seconds": elapsed(),
                     "finished": finished,
                     "summary": summary() if finished else None,
@@ -684,6 +769,7 @@ def run_training(job: TrainingJob, resume: bool = False) -> dict[str, Any]:
     if state is not None:
         _set_rng_state(state["rng"][rank])  # last, right before the first step
     train_model.train()
+    buffers = BufferSnapshot(model)
     hooked_iteration = -1
     stop.install()
     try:
@@ -707,21 +793,32 @@ def run_training(job: TrainingJob, resume: bool = False) -> dict[str, Any]:
                     break
                 yielded = True
                 images, targets = _to_device(images, targets, device)
-                loss_dict, loss = _training_step(
-                    train_model, images, targets, optimizer, scheduler, parameters, optim.clip_grad_norm,
-                    iteration + 1, autocast,
+                buffers.take()
+                loss_dict, loss, bad = _training_step(
+                    train_model, images, targets, optimizer, scheduler, parameters, optim.clip_grad_norm, autocast,
+                    lambda entries: agree_across_ranks(entries, device),
                 )  # fmt: skip
                 iteration += 1
                 consumed += job.batch_size
-                progress.add(loss_dict, loss)
+                if bad:  # skipped: no update, and the batch leaves no trace in the running statistics
+                    buffers.restore()
+                    nonfinite.skipped_step(iteration, bad)
+                    line = nonfinite.skip_line(iteration, optim.iterations, bad)
+                    progress.note(line, nonfinite.skip_record(iteration, bad))
+                else:
+                    nonfinite.good_step()
+                    progress.add(loss_dict, loss)
                 session_rate = (time.perf_counter() - session_start) / (iteration - session_start_iteration)
+                last_terms = None if bad else getattr(model, "last_terms", None)
                 progress.maybe_log(
-                    iteration, optimizer.param_groups[0]["lr"], elapsed(), session_rate, getattr(model, "last_terms", None)
+                    iteration, optimizer.param_groups[0]["lr"], elapsed(), session_rate, last_terms, nonfinite.total
                 )
                 finished = iteration == optim.iterations
                 interrupted = stop_requested()
-                if finished or interrupted or iteration % job.checkpoint_every == 0:
+                if finished or interrupted or nonfinite.should_stop or iteration % job.checkpoint_every == 0:
                     checkpoint(finished)
+                if nonfinite.should_stop:  # every rank agreed on every skip, so all stop here
+                    raise nonfinite.stop_error(job.name, iteration, optim.iterations, path)
                 if finished:
                     break
                 if interrupted:

@@ -144,9 +144,11 @@ def _job(config: ExperimentConfig, model: nn.Module, data: TrainingData, optim: 
 
 
 def teacher_cache_key(config: ExperimentConfig, section: ModelSection, seed: int, files: DataFiles, num_classes: int) -> str:
-    """Everything that determines a teacher trained here."""
+    """Everything that determines a teacher trained here (not the non-finite step limit: a
+    teacher that finished is the same whatever it was)."""
+    optim = {k: v for k, v in dataclasses.asdict(config.teacher_optim).items() if k != "max_nonfinite_steps"}
     payload = {
-        "model": dataclasses.asdict(section), "optim": dataclasses.asdict(config.teacher_optim),
+        "model": dataclasses.asdict(section), "optim": optim,
         "seed": seed, "data": files.fingerprint, "num_classes": num_classes,
         "batch_size": config.data.batch_size, "sampler": config.data.sampler,
     }  # fmt: skip

@@ -10,6 +10,8 @@ share the anchor generator and the feature strides (8, 16, 32, 64, 128 on levels
 from __future__ import annotations
 
 import difflib
+import pickle
+import re
 from pathlib import Path
 from typing import Callable, Union
 
@@ -25,7 +27,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from .config import model_definitions
 
-__all__ = ["ARCHITECTURES", "build_detector", "build_pretrained", "fcos_fpn", "load_weights"]
+__all__ = ["ARCHITECTURES", "CheckpointLoadError", "build_detector", "build_pretrained", "fcos_fpn", "load_weights"]
 
 # ResNet stages 2-4 (strides 8, 16, 32) -> FPN levels "0", "1", "2"; P6/P7 add strides 64, 128.
 _RETURN_LAYERS = {"layer2": "0", "layer3": "1", "layer4": "2"}
@@ -126,14 +128,39 @@ def build_pretrained(name: str, weights: str) -> nn.Module:
         ) from error
 
 
+class CheckpointLoadError(ValueError):
+    """A checkpoint file that cannot be loaded into the model; the message says why and what to do."""
+
+
+def _load_tensors_only(path: Path):
+    """``torch.load(weights_only=True)``, with its refusals and read errors said plainly."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointLoadError(
+            f"{path} contains a pickled Python object{what}, not only tensors and plain containers. densekd loads "
+            "checkpoints with torch.load(weights_only=True), so that opening a file cannot run code. Save the "
+            "weights alone (torch.save(model.state_dict(), path)); if you trust the file, extract its state_dict "
+            "once with torch.load(path, weights_only=False) and save that."
+        ) from error
+    except (RuntimeError, EOFError, KeyError) as error:  # not a zip archive, cut short, corrupted
+        raise CheckpointLoadError(
+            f"{path} cannot be read as a PyTorch checkpoint ({str(error).splitlines()[0]}): the file is truncated, "
+            "corrupted or not a checkpoint. Use a complete copy (densekd's own checkpoints are written atomically)."
+        ) from error
+
+
 def load_weights(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     """Load a state_dict, or a densekd training checkpoint (``{"model": state_dict, ...}``),
     with ``weights_only=True`` and ``strict=True``; a mismatch names the missing and the
-    unexpected keys on one line each."""
+    unexpected keys on one line each. Files holding pickled objects, and unreadable files,
+    raise :class:`CheckpointLoadError` with what to do."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _load_tensors_only(path)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     expected = model.state_dict()
@@ -141,7 +168,7 @@ def load_weights(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     unexpected = [key for key in state if key not in expected]
     mismatched = [key for key in expected if key in state and expected[key].shape != state[key].shape]
     if missing or unexpected or mismatched:
-        raise ValueError(
+        raise CheckpointLoadError(
             f"{path} does not fit {type(model).__name__} (another architecture or class count?)\n"
             f"  missing keys ({len(missing)}): {', '.join(missing[:8])}\n"
             f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}\n"

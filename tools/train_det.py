@@ -10,9 +10,12 @@
 
 It trains (or reuses from the cache) the teacher, trains a baseline and a distilled student
 with the same budget, seed and batches, evaluates all three and prints one table. Each phase
-checkpoints; ``--resume`` continues an interrupted run where it stopped. Annotation files are
-checked before any training: a bad record stops the run with one message naming it, unless
-``--skip-bad`` drops bad records (and prints how many of each kind went).
+checkpoints; ``--resume`` continues an interrupted run where it stopped. Before any training
+it checks the annotation files (a bad record stops the run with one message naming it, unless
+``--skip-bad`` drops bad records and prints how many of each kind went), that ``--output`` is
+writable with room for the run's checkpoints, and that teacher or student checkpoints list the
+dataset's categories in the same order (the ``<checkpoint>.categories.json`` it writes next to
+every checkpoint).
 """
 from __future__ import annotations
 
@@ -26,11 +29,22 @@ from pathlib import Path
 
 import torch
 
-from densekd.config import ConfigError, load_experiment_config
+from densekd.categories import CategoryOrderError, categories_path, check_categories, write_categories
+from densekd.config import ConfigError, ExperimentConfig, load_experiment_config
 from densekd.data import BadDatasetError, CocoDetectionDataset, collate_detection
 from densekd.engine import COCO_COLUMNS, LVIS_COLUMNS, TrainingInterrupted, evaluate, init_distributed, is_main_process, save_checkpoint
 from densekd.evaluation import format_metrics_table, plot_per_class_ap, save_results
 from densekd.experiment import data_files, prepare_teachers, train_student
+from densekd.models import CheckpointLoadError, build_detector
+from densekd.nonfinite import NonFiniteTrainingError
+from densekd.output_checks import (
+    CheckpointWriteError,
+    OutputFolderError,
+    bytes_needed,
+    check_output_folder,
+    checkpoint_bytes,
+    state_bytes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "experiments" / "demo.yaml"
@@ -111,13 +125,53 @@ def results_table(rows: dict[str, dict]) -> str:
     )
 
 
+def planned_outputs(config: ExperimentConfig, num_classes: int, output: Path) -> dict[Path, int]:
+    """Estimated sizes of the files the student phases write into ``output``: the baseline and
+    distilled checkpoints (a Distiller's state holds its teachers) and the students' weights."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        student = build_detector(config.student.name, num_classes, config.student.image_size)
+        teachers = [build_detector(s.name, num_classes, s.image_size) for s in (config.teacher, *config.extra_teachers)]
+    if (config.distill or {}).get("self_distillation"):
+        teachers = [student]  # the teacher is a copy of the student
+    baseline = checkpoint_bytes(student, list(student.parameters()), config.optim.optimizer)
+    distilled = baseline + sum(state_bytes(teacher) for teacher in teachers)
+    weights = checkpoint_bytes(student)  # the state_dict alone
+    return {
+        output / "baseline.ckpt": baseline, output / "distilled.ckpt": distilled,
+        output / "student_baseline.pth": weights, output / "student_distilled.pth": weights,
+    }  # fmt: skip
+
+
+def check_model_checkpoints(config: ExperimentConfig, dataset: CocoDetectionDataset, main: bool) -> None:
+    """Every teacher/student checkpoint exists and, where it has a categories sidecar, lists the
+    dataset's categories in the same order (before anything trains)."""
+    sections = {"teacher": config.teacher, "student": config.student}
+    sections.update({f"extra_teachers[{i}]": section for i, section in enumerate(config.extra_teachers)})
+    for where, section in sections.items():
+        if not section.checkpoint:
+            continue
+        if not Path(section.checkpoint).is_file():
+            raise FileNotFoundError(f"{where}.checkpoint {section.checkpoint} does not exist.")
+        if not check_categories(section.checkpoint, dataset.categories) and main:
+            print(f"note: {section.checkpoint} has no {categories_path(section.checkpoint).name}; the order of its "
+                  "classes cannot be checked against this dataset's", flush=True)  # fmt: skip
+
+
+def write_category_sidecars(paths: list[Path], dataset: CocoDetectionDataset) -> None:
+    ids = [dataset.label_to_category_id[label] for label in range(1, dataset.num_classes + 1)]
+    for path in paths:
+        if path.is_file():
+            write_categories(path, dataset.categories, ids)
+
+
 def run(args: argparse.Namespace) -> int:
     overrides = overrides_from(args)
     config = load_experiment_config(args.config, overrides)
     rank, world_size = init_distributed()
     main = is_main_process()
     output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    if main:
+        check_output_folder(output, 0)  # creatable and writable; the space once the models are known
     timings: dict[str, float] = {}
     started = time.perf_counter()
     if main:
@@ -134,11 +188,16 @@ def run(args: argparse.Namespace) -> int:
     val_set = CocoDetectionDataset(files.val_images, files.val_ann, skip_bad=config.data.skip_bad)
     num_classes = val_set.num_classes
     timings["data"] = time.perf_counter() - t
+    check_model_checkpoints(config, val_set, main)
+    if main:
+        needed = bytes_needed(planned_outputs(config, num_classes, output))
+        check_output_folder(output, needed, "this run's checkpoints and weights")
 
     t = time.perf_counter()
     teachers, teacher_info = prepare_teachers(config, files, num_classes, rank, world_size, retrain=args.retrain_teacher)
     timings["teacher"] = time.perf_counter() - t
     if main:
+        write_category_sidecars([Path(info["cache"]) / "teacher.ckpt" for info in teacher_info if "cache" in info], val_set)
         for index, info in enumerate(teacher_info):
             source = (
                 f"loaded from {info['checkpoint']}" if "checkpoint" in info
@@ -161,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
             for cache in summaries[name].get("teacher_cache", []):
                 how = f"built in {cache['build_seconds']:.1f} s" if cache["built_now"] else "reused"
                 print(f"[{name}] offline: teacher outputs {cache['folder']} ({cache['size_bytes'] / 1e6:.1f} MB, {how})", flush=True)
+            write_category_sidecars([output / f"student_{name}.pth", output / f"{name}.ckpt"], val_set)
         timings[f"{name}_train"] = time.perf_counter() - t
     if not main:
         return 0
@@ -214,9 +274,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     try:
         return run(args)
-    except (ConfigError, BadDatasetError, FileNotFoundError) as error:
+    except (ConfigError, BadDatasetError, FileNotFoundError, CategoryOrderError, CheckpointLoadError) as error:
         print(f"train_det: {error}", file=sys.stderr)
         return 2
+    except (OutputFolderError, CheckpointWriteError, NonFiniteTrainingError) as error:
+        print(f"train_det: {error}", file=sys.stderr)
+        return 1
     except TrainingInterrupted as interrupted:
         print(f"train_det: {interrupted}", file=sys.stderr)
         return 130

@@ -1,7 +1,7 @@
 """A tiny training job for the engine tests, importable (tiny model, dataset, job) and runnable as a
 script in a subprocess (kills, signals, torchrun).
 
-    python tests/engine/engine_job.py --out DIR [--resume] [--kill-at N] [--kill-in-save N] ...
+    python tests/engine/engine_job.py --out DIR [--resume] [--kill-at N] [--kill-in-save N [--kill-after-bytes B]] ...
 
 Exits with the engine's INTERRUPTED_EXIT_CODE after a SIGINT/SIGTERM, printing its message on stderr.
 """
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -44,6 +45,8 @@ def tiny_fcos(seed: int = 0) -> FCOS:
 
 
 def tiny_model(kind: str) -> nn.Module:
+    if kind == "regressor":
+        return TinyRegressor()
     student = tiny_fcos()
     if kind == "fcos":
         return student
@@ -53,6 +56,62 @@ def tiny_model(kind: str) -> nn.Module:
         terms = [Term("binary_kd", on="cls_logits", temperature=2.0, weight=0.5)]
         return Distiller.self_distillation(student, terms, mode="ema", ema_decay=0.9, warmup_iters=2, probe_size=IMAGE_SIZE)
     raise ValueError(f"unknown model kind {kind!r}")
+
+
+class TinyRegressor(nn.Module):
+    """A fast stand-in for a detector: conv + BatchNorm (running statistics are state) + linear,
+    predicting each image's mean box; returns a torchvision-style loss dict."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, 8, kernel_size=3, stride=4)
+        self.norm = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
+        features = self.norm(self.conv(torch.stack(images))).relu().mean(dim=(2, 3))  # (N, 3, H, W) -> (N, 8)
+        boxes = self.head(features)  # (N, 4)
+        goal = torch.stack([t["boxes"].mean(dim=0) for t in targets]) / IMAGE_SIZE  # (N, 4)
+        return {"loss_box_reg": F.smooth_l1_loss(boxes, goal), "kd_x": 0.1 * boxes.square().mean()}
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss with a non-finite gradient."""
+
+    @staticmethod
+    def forward(ctx, value):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+class FaultInjector(nn.Module):
+    """Wraps a loss-dict model and, at chosen steps (0-based, counted in a buffer so it resumes),
+    injects a fault: "nan_loss" makes ``entry`` NaN, "nan_input" makes the images NaN (every
+    loss and the BatchNorm statistics), "nan_grad" keeps the loss finite but its gradient NaN;
+    "skip" returns a loss without a forward or any gradient, i.e. a step that changes nothing."""
+
+    def __init__(self, model: nn.Module, faults: dict[int, str], entry: str = "kd_x") -> None:
+        super().__init__()
+        self.model, self.faults, self.entry = model, dict(faults), entry
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, images, targets):
+        fault = self.faults.get(int(self.calls))
+        self.calls += 1
+        if fault == "skip":
+            return {"skipped": torch.zeros((), requires_grad=True)}
+        if fault == "nan_input":
+            images = [image * float("nan") for image in images]
+        losses = dict(self.model(images, targets))
+        if fault == "nan_loss":
+            losses[self.entry] = losses[self.entry] * float("nan")
+        elif fault == "nan_grad":
+            losses[self.entry] = _NaNGradient.apply(losses[self.entry])
+        return losses
 
 
 class TinyDetectionData(torch.utils.data.Dataset):
@@ -104,8 +163,39 @@ def weights_hash(model: nn.Module) -> tuple[str, str]:
     return repr(total), digest.hexdigest()
 
 
-def _kill_in_save(iteration: int) -> None:
-    """Die (SIGKILL) after the checkpoint of ``iteration`` is written to its temp file, before the rename."""
+class _DyingFile:
+    """A file that SIGKILLs its process once ``budget`` bytes have gone through it."""
+
+    def __init__(self, file, budget: int) -> None:
+        self.file, self.budget, self.written = file, budget, 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.written + len(view) >= self.budget:
+            self.file.write(view[: self.budget - self.written])
+            self.file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.written += len(view)
+        return self.file.write(view)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _kill_in_save(iteration: int, after_bytes: int | None = None) -> None:
+    """Die (SIGKILL) inside the checkpoint write of ``iteration``: after ``after_bytes`` bytes of
+    it (a truncated temp file), or, without ``after_bytes``, after the whole temp file is written,
+    before the rename."""
+    if after_bytes is not None:
+        save = torch.save
+
+        def dying_save(obj, file, *args, **kwargs):
+            if isinstance(obj, dict) and obj.get("iteration") == iteration and hasattr(file, "write"):
+                file = _DyingFile(file, after_bytes)
+            return save(obj, file, *args, **kwargs)
+
+        torch.save = dying_save
+        return
     replace = os.replace
 
     def dying_replace(source, destination, *args, **kwargs):
@@ -125,6 +215,9 @@ def main() -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--kill-at", type=int, default=None, help="SIGKILL itself before step N+1 (N steps done)")
     parser.add_argument("--kill-in-save", type=int, default=None, help="SIGKILL itself inside the checkpoint write of iteration N")
+    parser.add_argument("--kill-after-bytes", type=int, default=None, help="with --kill-in-save: after B bytes of it")
+    parser.add_argument("--nan-at", type=int, default=None, help="make loss entry bbox_ctrness NaN at step N (0-based)")
+    parser.add_argument("--nan-rank", type=int, default=0, help="with --nan-at: only on this rank")
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep before each step")
     parser.add_argument("--print-iterations", action="store_true", help="print 'ITER n' before each step")
     parser.add_argument("--dump", type=Path, default=None, help="torch.save the final model state_dict here")
@@ -134,6 +227,9 @@ def main() -> int:
 
     rank, world_size = init_distributed() if args.ddp else (0, 1)
     job = tiny_job(args.out, args.iterations, args.checkpoint_every, args.model, num_replicas=world_size, rank=rank)
+    if args.nan_at is not None:  # every rank wraps the model alike: DDP needs the same modules
+        faults = {args.nan_at: "nan_loss"} if rank == args.nan_rank else {}
+        job.model = FaultInjector(job.model, faults, entry="bbox_ctrness")
 
     def hook(iteration: int) -> None:
         if args.print_iterations:
@@ -145,16 +241,16 @@ def main() -> int:
 
     job.iteration_hooks.append(hook)
     if args.kill_in_save is not None:
-        _kill_in_save(args.kill_in_save)
+        _kill_in_save(args.kill_in_save, args.kill_after_bytes)
     try:
-        run_training(job, resume=args.resume)
+        summary = run_training(job, resume=args.resume)
     except TrainingInterrupted as interrupted:
         print(interrupted, file=sys.stderr, flush=True)
         return interrupted.exit_code
     if args.dump is not None:
         torch.save(job.model.state_dict(), args.dump)
     total, digest = weights_hash(job.model)
-    print(f"RANK {rank} SUM {total} SHA {digest}", flush=True)
+    print(f"RANK {rank} SUM {total} SHA {digest} SKIPPED {summary['skipped_steps']}", flush=True)
     if args.ddp:
         torch.distributed.destroy_process_group()
     return 0

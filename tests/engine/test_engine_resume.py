@@ -4,6 +4,7 @@ Every run is a subprocess of ``engine_job.py`` with ``torch.set_num_threads(1)``
 and the resumed runs use the same kernels and thread count."""
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -36,6 +37,9 @@ def log_records(out: Path) -> list[dict]:
 
 
 def checkpoint_iteration(out: Path) -> int:
+    """The iteration of the checkpoint in ``out`` (0 without one)."""
+    if not (out / "run.ckpt").exists():
+        return 0
     return int(torch.load(out / "run.ckpt", weights_only=True)["iteration"])
 
 
@@ -95,3 +99,40 @@ def test_resume_after_finishing_returns_at_once(tmp_path, reference):
     assert again.returncode == 0, again.stderr  # no step ran: the kill hook never fired
     assert "finished earlier" in again.stdout
     assert_same_state(expected, torch.load(tmp_path / "final.pt", weights_only=True))
+
+
+def test_sigkills_at_random_points_in_sequence_then_resume_match_uninterrupted(tmp_path, reference):
+    """Three SIGKILLs at seeded-random points -- between two steps, or part-way through writing a
+    checkpoint (a truncated temporary file) -- each followed by a resume that is killed again;
+    the last resume ends bitwise where an uninterrupted run ends, with the same log."""
+    reference_dir, expected = reference("fcos")
+    checkpoint_size = (reference_dir / "run.ckpt").stat().st_size
+    every, iterations = 3, 12  # another checkpoint cadence than the reference's: it must not matter
+    rng = random.Random(11)  # kills: before step 8, in the writes of checkpoints 9 and 12
+    kinds = ["step", "save", rng.choice(["step", "save"])]
+    rng.shuffle(kinds)
+    saved = 0  # iteration of the checkpoint on disk
+    for kind in kinds:
+        if kind == "step":  # killed before step at + 1 (at == saved: right after resuming)
+            at = rng.randint(saved, iterations - 1)
+            kill = ["--kill-at", str(at)]
+            last_written = at
+        else:  # killed while writing the checkpoint of iteration `at`, after `cut` of its bytes
+            at = rng.choice([i for i in range(every, iterations + 1, every) if i > saved])
+            cut = rng.randrange(1, checkpoint_size)
+            kill = ["--kill-in-save", str(at), "--kill-after-bytes", str(cut)]
+            last_written = at - 1
+        killed = run_job(tmp_path, "--resume", "--checkpoint-every", str(every), *kill)
+        assert killed.returncode == -signal.SIGKILL, (kind, at, killed.stderr)
+        if saved:
+            assert f"resuming from {tmp_path / 'run.ckpt'} at iteration {saved}/{iterations}" in killed.stdout
+        saved = max([saved] + [i for i in range(every, last_written + 1, every)])
+        assert checkpoint_iteration(tmp_path) == saved, (kind, at)  # the latest complete checkpoint, loadable
+        if kind == "save":
+            (partial,) = tmp_path.glob(".run.ckpt.*.tmp")
+            assert partial.stat().st_size == cut
+    resumed = run_job(tmp_path, "--resume", "--checkpoint-every", str(every), "--dump", str(tmp_path / "final.pt"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_state(expected, torch.load(tmp_path / "final.pt", weights_only=True))
+    assert log_records(tmp_path) == log_records(reference_dir)
+    assert not list(tmp_path.glob(".run.ckpt.*.tmp"))

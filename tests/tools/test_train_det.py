@@ -41,6 +41,8 @@ def test_quick_demo_runs_end_to_end_and_eval_det_agrees(tmp_path):
         assert isinstance(json.loads((output / f"detections_{name}.json").read_text()), list)
 
     assert (output / "per_class_ap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (teacher_folder,) = (tmp_path / "cache" / "teachers").iterdir()  # the cached teacher knows its categories
+    assert len(json.loads((teacher_folder / "teacher.ckpt.categories.json").read_text())["categories"]) == 12
     assert set(report["per_class_ap"]) == set(MODELS) and len(report["per_class_ap"]["teacher"]) == 12
     for file in ("student_distilled.pth", "student_baseline.pth"):
         student = build_detector("fcos_resnet18_fpn64", 12, 96)
@@ -80,6 +82,10 @@ def test_real_data_flags_and_a_teacher_checkpoint(tmp_path):
                    "--val-ann", str(paths.val_ann), "--val-images", str(paths.val_images),
                    "--teacher-ckpt", str(tmp_path / "teacher.pth"), *[a for s in tiny for a in ("--set", s)]], env)  # fmt: skip
     assert "[teacher 0] loaded" in stdout  # not trained
+    assert f"note: {tmp_path / 'teacher.pth'} has no teacher.pth.categories.json" in stdout
+    for file in ("student_distilled.pth", "student_baseline.pth", "distilled.ckpt"):  # label order, original ids
+        categories = json.loads((output / f"{file}.categories.json").read_text())["categories"]
+        assert [(c["label"], c["id"]) for c in categories] == [(k, 10 * k) for k in range(1, 13)]
     detections = json.loads((output / "detections_distilled.json").read_text())
     assert {d["category_id"] for d in detections} <= {10 * k for k in range(1, 13)}
     report = json.loads((output / "metrics.json").read_text())

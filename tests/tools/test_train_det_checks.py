@@ -1,0 +1,81 @@
+"""tools/train_det.py refuses, before anything trains, an output folder it cannot use and
+teacher checkpoints that are missing or list the dataset's categories in another order."""
+import collections
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import densekd.output_checks as output_checks
+from densekd.categories import write_categories
+from densekd.data import SyntheticConfig, generate_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def train_det():
+    spec = importlib.util.spec_from_file_location("train_det", REPO / "tools" / "train_det.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def paths(tmp_path):
+    config = SyntheticConfig(num_train=8, num_val=4, image_size=64, max_object_size=32)
+    return generate_synthetic_dataset(tmp_path / "data", config)
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch, train_det, paths):
+    """``run(*extra_args)`` -> exit code of train_det on a tiny COCO-format dataset, in-process."""
+    monkeypatch.setenv("DENSEKD_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    data = ["--train-ann", str(paths.train_ann), "--train-images", str(paths.train_images),
+            "--val-ann", str(paths.val_ann), "--val-images", str(paths.val_images)]  # fmt: skip
+    yield lambda *args: train_det.main(["--threads", "1", *data, *args])
+    torch.set_num_threads(threads)
+
+
+def nothing_trained(tmp_path) -> bool:
+    return not (tmp_path / "cache" / "teachers").exists() and not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_teacher_checkpoint_with_categories_in_another_order_is_refused(tmp_path, run, paths, capsys):
+    categories = sorted(json.loads(Path(paths.val_ann).read_text())["categories"], key=lambda c: c["id"])
+    names = [c["name"] for c in categories]  # the dataset's label order
+    teacher = tmp_path / "teacher.pth"
+    torch.save({}, teacher)  # never loaded: the order is checked first
+    write_categories(teacher, names[::-1])
+    assert run("--teacher-ckpt", str(teacher), "--output", str(tmp_path / "out")) == 2
+    error = capsys.readouterr().err
+    assert f"train_det: {teacher} was trained with the same categories in another order" in error
+    assert f"label 1 is {names[-1]!r} there but {names[0]!r} here" in error
+    assert nothing_trained(tmp_path)
+
+    write_categories(teacher, [f"class{i}" for i in range(len(names))])
+    assert run("--teacher-ckpt", str(teacher), "--output", str(tmp_path / "out")) == 2
+    assert f"{teacher} was trained on other categories" in capsys.readouterr().err
+
+
+def test_missing_teacher_checkpoint_is_refused_before_training(tmp_path, run, capsys):
+    assert run("--teacher-ckpt", str(tmp_path / "nope.pth"), "--output", str(tmp_path / "out")) == 2
+    assert f"teacher.checkpoint {tmp_path / 'nope.pth'} does not exist" in capsys.readouterr().err
+    assert nothing_trained(tmp_path)
+
+
+def test_unusable_output_folder_is_refused_before_the_teacher_trains(tmp_path, run, capsys, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    assert run("--output", str(tmp_path / "a_file" / "out")) == 1
+    assert f"Cannot create the output folder {tmp_path / 'a_file' / 'out'}" in capsys.readouterr().err
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(output_checks.shutil, "disk_usage", lambda folder: usage(10**9, 10**9 - 10**6, 10**6))
+    assert run("--output", str(tmp_path / "out")) == 1
+    error = capsys.readouterr().err
+    assert f"Not enough free space in {tmp_path / 'out'}: this run's checkpoints and weights need about" in error
+    assert "only 976.6 KiB (1000000 bytes) are free" in error
+    assert nothing_trained(tmp_path)
