@@ -1,4 +1,5 @@
-"""Evaluation: COCO / LVIS-style metrics for detectors and instance segmenters.
+"""Evaluation: COCO / LVIS-style metrics for detectors and instance segmenters, mIoU for
+semantic segmenters.
 
 Stands apart from the rest of densekd (imports nothing from it), so it can score any model.
 """
@@ -15,19 +16,32 @@ from densekd.evaluation.coco_metrics import (
     frequency_group_ap,
 )
 from densekd.evaluation.detections import save_results, to_coco_results
-from densekd.evaluation.plots import plot_per_class_ap
+from densekd.evaluation.plots import plot_per_class_ap, plot_per_class_iou
+from densekd.evaluation.segmentation import (
+    ConfusionMatrix,
+    evaluate_segmentation,
+    format_per_class_iou,
+    group_mean_iou,
+    segmentation_metrics,
+)
 
 __all__ = [
     "BACKENDS",
+    "ConfusionMatrix",
     "COCO_METRIC_NAMES",
     "IOU_TYPES",
     "LVIS_FREQUENCIES",
     "LVIS_METRIC_NAMES",
     "evaluate_coco",
     "evaluate_lvis_style",
+    "evaluate_segmentation",
     "format_metrics_table",
+    "format_per_class_iou",
     "frequency_group_ap",
+    "group_mean_iou",
     "plot_per_class_ap",
+    "plot_per_class_iou",
     "save_results",
+    "segmentation_metrics",
     "to_coco_results",
 ]
