@@ -396,7 +396,10 @@ def load_experiment_config(
 
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
-_MODEL_KEYS = {"architecture": str, "backbone": str, "fpn_channels": int, "head_convs": int}
+_MODEL_KEYS = {
+    "architecture": str, "backbone": str, "fpn_channels": int, "head_convs": int,  # detection
+    "aspp_channels": int, "atrous_rates": list, "aux": bool, "inter_channels": int,  # segmentation
+}  # fmt: skip
 
 
 def model_definitions(models_dir: Path = MODELS_DIR) -> dict[str, tuple[str, dict[str, Any]]]:
