@@ -201,11 +201,13 @@ def distiller_kwargs(config: DistillationConfig, total_iters: Optional[int] = No
 # --- experiments: data, models, optimisation and distillation in one file ----------------
 @dataclass
 class DataSection:
-    dataset: str = "synthetic"  # "synthetic" (embedded) or "coco" (COCO/LVIS-format files)
+    dataset: str = "synthetic"  # "synthetic" (embedded), "coco" (COCO/LVIS-format files), "mask_folder" (segmentation)
     train_ann: Optional[str] = None
     train_images: Optional[str] = None
     val_ann: Optional[str] = None
     val_images: Optional[str] = None
+    mask_root: Optional[str] = None  # mask_folder: <root>/classes.txt, <root>/{train,val}/{images,masks}/
+    categories: Any = None  # segmentation of coco data: null (all), "voc" or a list of category ids / names
     synthetic: dict = dataclasses.field(default_factory=dict)  # SyntheticConfig overrides
     batch_size: int = 8
     num_workers: int = 0
