@@ -10,6 +10,7 @@ After training, ``distiller.student`` is the plain torchvision model.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Optional, Sequence, Union
 
 import torch
@@ -18,7 +19,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from .adapters.detection import PER_ANCHOR_OUTPUTS, ROI_OUTPUTS, DetectorAdapter, RCNNAdapter, adapter_for
 from .adapters.segmentation import is_segmentation_model
-from .distiller_base import SELF_DISTILLATION_MODES, DistillerBase
+from .distiller_base import DistillerBase
 from .label_smoothing import check_label_smoothing, smoothed_focal_loss, smoothed_roi_classification_loss
 from .outputs import DenseOutputs
 from .pairs import StepContext, teacher_needs, term_loss
@@ -61,10 +62,18 @@ class Distiller(DistillerBase):
     class_indexed_outputs = _CLASS_INDEXED_OUTPUTS
 
     def __new__(cls, student: Optional[nn.Module] = None, *args, **kwargs):
-        # A segmentation student gets its own distiller. Without arguments (unpickling,
-        # deepcopy) this is a plain allocation.
+        # A segmentation student gets its own distiller (returned instead of a Distiller, so
+        # Python does not run __init__ below on it). Without arguments (unpickling, deepcopy)
+        # this is a plain allocation.
         if cls is Distiller and student is not None and is_segmentation_model(student):
-            return SegmentationDistiller(student, *args, **kwargs)
+            # Positional arguments are read by Distiller's signature; the rest (aux_weight,
+            # ignore_index) go to SegmentationDistiller as they are.
+            signature = inspect.signature(Distiller.__init__)
+            own = {k: v for k, v in kwargs.items() if k in signature.parameters}
+            others = {k: v for k, v in kwargs.items() if k not in own}
+            arguments = signature.bind(None, student, *args, **own).arguments
+            del arguments["self"]
+            return SegmentationDistiller(**arguments, **others)
         return super().__new__(cls)
 
     def __init__(

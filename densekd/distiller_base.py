@@ -151,6 +151,9 @@ class DistillerBase(nn.Module):
         """The name under which a level pairs with a teacher's level (its own name by default)."""
         return level
 
+    def _level_pairing_hint(self) -> str:
+        return ""
+
     def _pair_levels(self, term: Term, student_shapes: dict, teacher_shapes: dict) -> list[tuple[str, str]]:
         """(student level, teacher level) pairs of a feature term: by name (``_level_role``),
         else by position when both models have as many levels."""
@@ -169,7 +172,7 @@ class DistillerBase(nn.Module):
             else:
                 raise ValueError(
                     f"Term {term.name!r}: cannot pair student level {level!r}; student levels {student_levels}, "
-                    f"teacher levels {teacher_levels}. Choose levels= present in both."
+                    f"teacher levels {teacher_levels}. Choose levels= present in both.{self._level_pairing_hint()}"
                 )
         return pairs
 

@@ -102,7 +102,7 @@ class SegmentationDistiller(DistillerBase):
         if term.confidence_weighting and not pixel_wise:
             raise ValueError(
                 f"Term {term.name!r}: confidence_weighting weights pixels by the teacher's top class "
-                f"probability; it applies to pixel-wise logit losses ({', '.join(('pixel_kl', 'focal_kl', 'margin', 'dkd'))})."
+                "probability; it applies to pixel-wise logit losses (pixel_kl, focal_kl, margin, dkd)."
             )
         if term.class_temperature_spread and not pixel_wise:
             raise ValueError(
@@ -116,6 +116,9 @@ class SegmentationDistiller(DistillerBase):
 
     def _level_role(self, level: str) -> str:
         return _LEVEL_ROLES.get(level, level)
+
+    def _level_pairing_hint(self) -> str:
+        return " LRASPP's 'high' pairs with FCN/DeepLabV3's 'out' and 'low' with 'aux'."
 
     # --- training-time behaviour --------------------------------------------------------
     def forward(self, images: Tensor, masks: Optional[Tensor] = None):

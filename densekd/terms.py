@@ -69,7 +69,8 @@ class Term:
             (a ``densekd.schedules`` spec such as ``{"kind": "linear", ...}``).
         temperature: softening temperature T for logit losses (number or schedule).
         params: extra keyword arguments of the loss function (e.g. ``{"gamma": 2.0}``).
-        levels: FPN level names for feature terms (default: all levels).
+        levels: FPN level names for feature terms (default: all levels); for segmentation,
+            backbone levels ("out", "aux"; LRASPP "high", "low").
         class_weights: (K,) per-class weights, mean 1 (see ``densekd.weighting``);
             applied per class channel, per RoI (matched GT label), per GT box in
             foreground masks and per matched box for box terms; for segmentation logits

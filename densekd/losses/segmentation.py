@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._reduce import _check_same_shape
+from ._reduce import _check_same_shape, _weighted_mean
 from .attention import _check_4d, relation_loss
-from .logits import Temperature, kl_div_kd
+from .logits import Temperature
 
 
 def _check_pixel_map(name: str, pixel_map: torch.Tensor, logits: torch.Tensor) -> None:
@@ -83,22 +83,25 @@ def pixel_kl_kd(
     _check_same_shape(student_logits, teacher_logits, "logits")
     if student_logits.dim() != 4:
         raise ValueError(f"pixel_kl_kd expects (N, K, H, W) logits, got {tuple(student_logits.shape)}")
-    k = student_logits.shape[1]
-    # (N, K, H, W) -> (N, H, W, K) -> (N*H*W, K): one class distribution per pixel
-    rows_s = student_logits.movedim(1, -1).reshape(-1, k)
-    rows_t = teacher_logits.movedim(1, -1).reshape(-1, k)
-    keep = None
-    if ignore is not None:
-        _check_pixel_map("ignore", ignore, student_logits)
-        keep = ~ignore.reshape(-1).bool()  # (N*H*W,)
-        rows_s, rows_t = rows_s[keep], rows_t[keep]
-    if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
-        _check_pixel_map("temperature", temperature, student_logits)
-        temperature = temperature.reshape(-1) if keep is None else temperature.reshape(-1)[keep]
+    t = torch.as_tensor(temperature, dtype=student_logits.dtype, device=student_logits.device)
+    if t.dim() > 0:
+        _check_pixel_map("temperature", t, student_logits)
+        t = t.unsqueeze(1)  # (N, H, W) -> (N, 1, H, W), broadcast over classes
+    # Classes stay on dim 1: no (N*H*W, K) copy of full-resolution logits.
+    log_p_s = F.log_softmax(student_logits / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.detach() / t, dim=1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True)  # (N, K, H, W)
+    per_pixel = (kl * t**2).sum(dim=1)  # (N, H, W)
+    pixel_weights = torch.ones_like(per_pixel) if weights is None else weights
     if weights is not None:
         _check_pixel_map("weights", weights, student_logits)
-        weights = weights.reshape(-1) if keep is None else weights.reshape(-1)[keep]
-    return kl_div_kd(rows_s, rows_t, temperature, weights)
+    if ignore is not None:
+        _check_pixel_map("ignore", ignore, student_logits)
+        keep = ~ignore.bool()
+        # where, not a product: whatever the logits hold at ignored pixels, value and gradient are 0
+        per_pixel = torch.where(keep, per_pixel, torch.zeros_like(per_pixel))
+        pixel_weights = torch.where(keep, pixel_weights, torch.zeros_like(per_pixel))
+    return _weighted_mean(per_pixel, pixel_weights)
 
 
 def pairwise_affinity_kd(student: torch.Tensor, teacher: torch.Tensor, scale: float = 0.5) -> torch.Tensor:

@@ -241,6 +241,9 @@ def test_distiller_dispatches_segmentation_models_and_copies_survive():
     images, _ = make_batch()
     with torch.no_grad():
         assert torch.equal(distiller.eval()(images)["out"], student(images)["out"])
+    # Distiller's positional order (teacher_geometry before warmup_iters); segmentation keywords pass through
+    distiller = Distiller(student, build_lraspp(), [], None, "student", 7, aux_weight=0.25, ignore_index=0)
+    assert (distiller.warmup_iters, distiller.aux_weight, distiller.ignore_index) == (7, 0.25, 0)
 
 
 def test_segmentation_terms_from_yaml_build_and_run(tmp_path):
@@ -291,5 +294,8 @@ def test_other_construction_errors():
         SegmentationDistiller(student, build_lraspp(), [], teacher_geometry="own")
     with pytest.raises(TypeError, match="supported segmentation families"):
         SegmentationDistiller(student, torch.nn.Conv2d(3, 4, 1), [])
+    with pytest.raises(ValueError, match=r"cannot pair student level 'low'.*'low' with 'aux'"):
+        SegmentationDistiller(student, build_deeplabv3_mobilenet(aux=False), [Term("hint", "features")])
+    SegmentationDistiller(student, build_deeplabv3_mobilenet(aux=False), [Term("hint", "features", levels=["high"])])
     with pytest.raises(ValueError, match="at least one teacher"):
         SegmentationDistiller(student, [], [])
