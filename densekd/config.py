@@ -213,12 +213,14 @@ def distiller_kwargs(config: DistillationConfig, total_iters: Optional[int] = No
 # --- experiments: data, models, optimisation and distillation in one file ----------------
 @dataclass
 class DataSection:
-    dataset: str = "synthetic"  # "synthetic" (embedded) or "coco" (COCO/LVIS-format files)
+    dataset: str = "synthetic"  # "synthetic" (embedded), "coco" (COCO/LVIS-format files), "mask_folder" (segmentation)
     train_ann: Optional[str] = None
     train_images: Optional[str] = None
     val_ann: Optional[str] = None
     val_images: Optional[str] = None
     skip_bad: bool = False  # drop bad images/annotations (reported) instead of stopping with an error
+    mask_root: Optional[str] = None  # mask_folder: <root>/classes.txt, <root>/{train,val}/{images,masks}/
+    categories: Any = None  # segmentation of coco data: null (all), "voc" or a list of category ids / names
     synthetic: dict = dataclasses.field(default_factory=dict)  # SyntheticConfig overrides
     batch_size: int = 8
     num_workers: int = 0
@@ -461,7 +463,10 @@ def load_experiment_config(
 
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
-_MODEL_KEYS = {"architecture": str, "backbone": str, "fpn_channels": int, "head_convs": int}
+_MODEL_KEYS = {
+    "architecture": str, "backbone": str, "fpn_channels": int, "head_convs": int,  # detection
+    "aspp_channels": int, "atrous_rates": list, "aux": bool, "inter_channels": int,  # segmentation
+}  # fmt: skip
 
 
 def model_definitions(models_dir: Path = MODELS_DIR) -> dict[str, tuple[str, dict[str, Any]]]:

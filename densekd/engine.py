@@ -480,6 +480,9 @@ class TrainingJob:
         checkpoint_every: steps between checkpoints (one is also written at the end).
         log_every: steps between progress lines / JSONL records (and at the end).
         num_workers: DataLoader worker processes (resume is bitwise-exact with 0).
+        collate_fn: samples -> the ``(inputs, targets)`` pair a step passes as
+            ``model(inputs, targets)``: ``collate_detection`` (lists of images and target dicts)
+            or e.g. ``collate_segmentation`` (stacked images (N, 3, H, W) and masks (N, H, W)).
         epoch_hooks: ``f(epoch)`` called at each epoch start (and at the resumed epoch).
         iteration_hooks: ``f(iteration)`` called before each step, before its batch is loaded,
             with the number of steps already done (0-based), e.g. an augmentation-strength
@@ -498,6 +501,7 @@ class TrainingJob:
     checkpoint_every: int = 100
     log_every: int = 50
     num_workers: int = 0
+    collate_fn: Callable[[list], Any] = collate_detection
     epoch_hooks: list[Callable[[int], None]] = dataclasses.field(default_factory=list)
     iteration_hooks: list[Callable[[int], None]] = dataclasses.field(default_factory=list)
 
@@ -534,12 +538,18 @@ def _model_device(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def _to_device(images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device):
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors, possibly inside lists, tuples and dicts (a detection batch's images and
+    targets, a segmentation batch's stacked tensors), moved to ``device``; the rest as is."""
     if device.type == "cpu":
-        return images, targets
-    images = [image.to(device, non_blocking=True) for image in images]
-    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-    return images, targets
+        return batch
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(value, device) for value in batch)
+    return batch
 
 
 def _check_job(job: TrainingJob) -> None:
@@ -711,7 +721,7 @@ def run_training(job: TrainingJob, resume: bool = False) -> dict[str, Any]:
         batch_size=job.batch_size,
         sampler=job.sampler,
         num_workers=job.num_workers,
-        collate_fn=collate_detection,
+        collate_fn=job.collate_fn,
         drop_last=True,
         generator=loader_generator,
         pin_memory=device.type == "cuda",
@@ -792,7 +802,7 @@ def run_training(job: TrainingJob, resume: bool = False) -> dict[str, Any]:
                 except StopIteration:
                     break
                 yielded = True
-                images, targets = _to_device(images, targets, device)
+                images, targets = _to_device((images, targets), device)
                 buffers.take()
                 loss_dict, loss, bad = _training_step(
                     train_model, images, targets, optimizer, scheduler, parameters, optim.clip_grad_norm, autocast,

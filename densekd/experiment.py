@@ -7,6 +7,10 @@ keyed by everything that determines it, and is reused by later runs. With
 ``distill.teacher_cache: true`` the teachers' outputs over the training set are cached too
 (``$DENSEKD_CACHE/teacher_outputs``, :mod:`densekd.teacher_cache`) and the distilled student
 trains offline.
+
+The phases are task-agnostic: a :class:`Task` says how to build a model, its training data
+and what trains it (detection here, :data:`DETECTION`; semantic segmentation in
+:mod:`densekd.segmentation_experiment`).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -30,7 +34,7 @@ from .config import (
     parse_distillation_config,
     resolve_schedule,
 )
-from .data import CocoDetectionDataset, SyntheticConfig, config_hash, ensure_synthetic_dataset
+from .data import CocoDetectionDataset, SyntheticConfig, collate_detection, config_hash, ensure_synthetic_dataset
 from .data.mixing import MixedDetectionDataset
 from .data.samplers import build_sampler
 from .data.transforms import build_detection_transforms
@@ -81,7 +85,7 @@ class TrainingData:
     """One phase's training set with its sampler and the hooks that drive augmentation."""
 
     dataset: torch.utils.data.Dataset
-    annotations: CocoDetectionDataset  # the unwrapped dataset: classes, counts, labels
+    annotations: Any  # the unwrapped dataset (CocoDetectionDataset, ...): classes, counts, labels
     sampler: Any
     epoch_hooks: list[Callable[[int], None]] = field(default_factory=list)
     iteration_hooks: list[Callable[[int], None]] = field(default_factory=list)
@@ -134,13 +138,69 @@ def _model(section: ModelSection, num_classes: int) -> nn.Module:
     return model
 
 
-def _job(config: ExperimentConfig, model: nn.Module, data: TrainingData, optim: OptimSection, output: Path, name: str) -> TrainingJob:
+def _job(
+    config: ExperimentConfig, model: nn.Module, data: TrainingData, optim: OptimSection, output: Path, name: str, task: "Task"
+) -> TrainingJob:
     return TrainingJob(
         model=model, dataset=data.dataset, sampler=data.sampler, batch_size=config.data.batch_size,
         optim=optim, output_dir=output, name=name, checkpoint_every=config.checkpoint_every,
-        log_every=config.log_every, num_workers=config.data.num_workers,
+        log_every=config.log_every, num_workers=config.data.num_workers, collate_fn=task.collate_fn,
         epoch_hooks=data.epoch_hooks, iteration_hooks=data.iteration_hooks,
     )  # fmt: skip
+
+
+def build_distiller(
+    distiller_class: type,
+    student: nn.Module,
+    teachers: list[nn.Module],
+    config: ExperimentConfig,
+    image_counts: Sequence[int],
+    annotation_counts: Sequence[int],
+) -> nn.Module:
+    """A ``distiller_class`` (:class:`Distiller`, :class:`~densekd.SegmentationDistiller`) with the
+    experiment's terms, or its self-distillation form; the counts feed per-class term weights."""
+    iterations = config.optim.iterations
+    distillation = parse_distillation_config(config.distill or {"terms": []})
+    terms = build_terms(distillation, image_counts, annotation_counts, total_iters=iterations)
+    kwargs = distiller_kwargs(distillation, total_iters=iterations)
+    kwargs["label_smoothing"] = config.optim.label_smoothing
+    probe = dict(probe_size=config.student.image_size)
+    if "mode" in kwargs:
+        return distiller_class.self_distillation(student, terms, **kwargs, **probe)
+    return distiller_class(student, teachers, terms, **kwargs, **probe)
+
+
+def _detection_distiller(
+    student: nn.Module, teachers: list[nn.Module], config: ExperimentConfig, data: TrainingData
+) -> nn.Module:
+    counts = data.annotations
+    return build_distiller(Distiller, student, teachers, config, counts.image_counts, counts.annotation_counts)
+
+
+@dataclass(frozen=True)
+class Task:
+    """What differs between experiments of two tasks; the phases themselves are shared.
+
+    Attributes:
+        build_model: ``(model section, K) -> plain torchvision model`` (weights or checkpoint loaded).
+        training_data: ``(config, files, iterations, rank, world_size, augment) -> TrainingData``.
+        trainer: ``plain model -> module whose train-mode forward returns the loss dict`` (the
+            teacher's and the baseline's training); detection models do that themselves.
+        distiller: ``(student, teachers, config, training data) -> distiller`` for the distilled student.
+        collate_fn: batches samples into the ``(inputs, targets)`` the trainers take.
+    """
+
+    build_model: Callable[[ModelSection, int], nn.Module]
+    training_data: Callable[..., TrainingData]
+    trainer: Callable[[nn.Module], nn.Module]
+    distiller: Callable[[nn.Module, list[nn.Module], ExperimentConfig, TrainingData], nn.Module]
+    collate_fn: Callable[[list], Any]
+
+
+DETECTION = Task(
+    build_model=_model, training_data=training_data, trainer=lambda model: model,
+    distiller=_detection_distiller, collate_fn=collate_detection,
+)  # fmt: skip
 
 
 def teacher_cache_key(config: ExperimentConfig, section: ModelSection, seed: int, files: DataFiles, num_classes: int) -> str:
@@ -156,7 +216,13 @@ def teacher_cache_key(config: ExperimentConfig, section: ModelSection, seed: int
 
 
 def prepare_teachers(
-    config: ExperimentConfig, files: DataFiles, num_classes: int, rank: int = 0, world_size: int = 1, retrain: bool = False
+    config: ExperimentConfig,
+    files: DataFiles,
+    num_classes: int,
+    rank: int = 0,
+    world_size: int = 1,
+    retrain: bool = False,
+    task: Task = DETECTION,
 ) -> tuple[list[nn.Module], list[dict[str, Any]]]:
     """The experiment's teachers: loaded from their checkpoints, or trained once (without the
     student's augmentation) and cached. Extra teacher i trains with seed ``seed + 1 + i``."""
@@ -165,7 +231,7 @@ def prepare_teachers(
     for index, section in enumerate(sections):
         seed = config.seed + index if index == 0 else config.seed + 1 + index
         torch.manual_seed(seed)
-        model = _model(section, num_classes)
+        model = task.build_model(section, num_classes)
         if section.checkpoint or section.weights:
             teachers.append(model)
             infos.append({"checkpoint": section.checkpoint} if section.checkpoint else {"weights": section.weights})
@@ -173,8 +239,9 @@ def prepare_teachers(
         key = teacher_cache_key(config, section, seed, files, num_classes)
         folder = cache_root() / "teachers" / f"{section.name}-{key}"
         phase_config = dataclasses.replace(config, seed=seed)
-        data = training_data(phase_config, files, config.teacher_optim.iterations, rank, world_size, augment=False)
-        summary = run_training(_job(phase_config, model, data, config.teacher_optim, folder, "teacher"), resume=not retrain)
+        data = task.training_data(phase_config, files, config.teacher_optim.iterations, rank, world_size, augment=False)
+        job = _job(phase_config, task.trainer(model), data, config.teacher_optim, folder, "teacher", task)
+        summary = run_training(job, resume=not retrain)
         teachers.append(model)
         infos.append({"cache": str(folder), "train": summary})
     return teachers, infos
@@ -190,6 +257,7 @@ def train_student(
     resume: bool,
     rank: int = 0,
     world_size: int = 1,
+    task: Task = DETECTION,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train a student from the seed's initial weights: plainly (``teachers=None``) or distilled
     with the experiment's terms. Baseline and distilled students share initial weights, the
@@ -197,28 +265,21 @@ def train_student(
     (and the recipe's label smoothing) are the only difference. Returns the plain torchvision
     student and the training summary."""
     torch.manual_seed(config.seed + 1000)  # identical initial weights for every student
-    student = _model(config.student, num_classes)
-    iterations = config.optim.iterations
-    distilled = teachers is not None
-    data = training_data(config, files, iterations, rank, world_size)
-    model: nn.Module = student
-    if distilled:
-        distillation = parse_distillation_config(config.distill or {"terms": []})
-        terms = build_terms(
-            distillation, data.annotations.image_counts, data.annotations.annotation_counts, total_iters=iterations
-        )
-        kwargs = distiller_kwargs(distillation, total_iters=iterations)
-        kwargs["label_smoothing"] = config.optim.label_smoothing
-        probe = dict(probe_size=config.student.image_size)
-        if "mode" in kwargs:
-            model = Distiller.self_distillation(student, terms, **kwargs, **probe)
-        else:
-            model = Distiller(student, teachers, terms, **kwargs, **probe)
-        if distillation.teacher_cache:
-            caches = _teacher_caches(model, data.dataset, distillation.teacher_cache_dtype, config.data.batch_size, rank)
-            model.use_teacher_cache(caches)
-    summary = run_training(_job(config, model, data, config.optim, output, name), resume=resume)
-    if distilled and distillation.teacher_cache:
+    student = task.build_model(config.student, num_classes)
+    data = task.training_data(config, files, config.optim.iterations, rank, world_size)
+    model = task.trainer(student) if teachers is None else task.distiller(student, teachers, config, data)
+    distillation = parse_distillation_config(config.distill) if teachers is not None and config.distill else None
+    caches = None
+    if distillation is not None and distillation.teacher_cache:
+        if not hasattr(model, "use_teacher_cache"):
+            raise ValueError(
+                f"distill.teacher_cache is supported for detection distillers only, not {type(model).__name__}; "
+                "set distill.teacher_cache=false to distill online."
+            )
+        caches = _teacher_caches(model, data.dataset, distillation.teacher_cache_dtype, config.data.batch_size, rank)
+        model.use_teacher_cache(caches)
+    summary = run_training(_job(config, model, data, config.optim, output, name, task), resume=resume)
+    if caches is not None:
         summary["teacher_cache"] = [
             {"folder": str(c.folder), "size_bytes": c.size_bytes, "build_seconds": c.build_seconds, "built_now": c.built}
             for c in caches

@@ -98,7 +98,7 @@ def build_detector(name: str, num_classes: int, image_size: int) -> nn.Module:
     :func:`load_weights`). Heads get K + 1 class channels: softmax heads keep background at
     0, and torchvision's one-stage losses index channels by label (channel 0 unused).
     """
-    definitions = model_definitions()
+    definitions = {n: d for n, d in model_definitions().items() if d[0] in ARCHITECTURES}  # not segmenters
     if name in definitions:
         architecture, arguments = definitions[name]
         return ARCHITECTURES[architecture](num_classes, image_size, **arguments)
@@ -153,10 +153,11 @@ def _load_tensors_only(path: Path):
 
 
 def load_weights(model: nn.Module, path: Union[str, Path]) -> nn.Module:
-    """Load a state_dict, or a densekd training checkpoint (``{"model": state_dict, ...}``),
-    with ``weights_only=True`` and ``strict=True``; a mismatch names the missing and the
-    unexpected keys on one line each. Files holding pickled objects, and unreadable files,
-    raise :class:`CheckpointLoadError` with what to do."""
+    """Load a state_dict, or a densekd training checkpoint (``{"model": state_dict, ...}``, also
+    of a :class:`~densekd.SegmentationTraining`, whose model's keys start with ``model.``), with
+    ``weights_only=True`` and ``strict=True``; a mismatch names the missing and the unexpected
+    keys on one line each. Files holding pickled objects, and unreadable files, raise
+    :class:`CheckpointLoadError` with what to do."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
@@ -164,6 +165,8 @@ def load_weights(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     expected = model.state_dict()
+    if state and all(key.startswith("model.") for key in state) and not any(key.startswith("model.") for key in expected):
+        state = {key[len("model.") :]: value for key, value in state.items()}  # a SegmentationTraining's checkpoint
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     mismatched = [key for key in expected if key in state and expected[key].shape != state[key].shape]

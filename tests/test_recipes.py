@@ -29,7 +29,11 @@ def tiny_files(tmp_path_factory):
         yield data_files(config), cache
 
 
-@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+DETECTION_RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if not p.stem.startswith("seg_"))
+SEGMENTATION_RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("seg_*.yaml"))  # tools/train_seg.py's
+
+
+@pytest.mark.parametrize("recipe", DETECTION_RECIPES)
 def test_every_recipe_builds_and_runs_one_distillation_step(recipe, tiny_files, tmp_path, monkeypatch):
     files, cache = tiny_files
     monkeypatch.setenv("DENSEKD_CACHE", str(cache))
@@ -45,6 +49,23 @@ def test_every_recipe_builds_and_runs_one_distillation_step(recipe, tiny_files, 
     assert all(math.isfinite(v) for v in summary["final_losses"].values())
     fresh = build_detector(config.student.name, num_classes, 64)
     fresh.load_state_dict(student.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("recipe", SEGMENTATION_RECIPES)
+def test_every_segmentation_recipe_builds_and_runs_one_distillation_step(recipe, tiny_files, tmp_path, monkeypatch):
+    from densekd.segmentation_experiment import SEGMENTATION, segmentation_data_files
+    from densekd.segmentation_models import build_segmenter
+
+    monkeypatch.setenv("DENSEKD_CACHE", str(tiny_files[1]))
+    config = load_experiment_config(EXPERIMENTS / "seg_demo.yaml", TINY + [f"recipe={recipe}"])
+    assert config.distill and config.distill["terms"], recipe
+    files = segmentation_data_files(config)
+    teachers = [build_segmenter(s.name, 12).eval() for s in [config.teacher, *config.extra_teachers]]
+    student, summary = train_student(config, files, 12, teachers, tmp_path, "distilled", resume=False, task=SEGMENTATION)
+    assert summary["iterations"] == 1
+    assert all(math.isfinite(v) for v in summary["final_losses"].values())
+    assert any(key.startswith("kd_") for key in summary["final_losses"])
+    build_segmenter(config.student.name, 12).load_state_dict(student.state_dict(), strict=True)
 
 
 def test_experiment_configs_and_overrides_validate(tmp_path):

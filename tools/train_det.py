@@ -112,9 +112,9 @@ def jsonable(value):
     return value
 
 
-def results_table(rows: dict[str, dict]) -> str:
-    """Metrics in percent (format_metrics_table), then params (M) and images/s."""
-    metric_lines = format_metrics_table(rows, list(COCO_COLUMNS + LVIS_COLUMNS)).split("\n")
+def results_table(rows: dict[str, dict], columns: tuple = COCO_COLUMNS + LVIS_COLUMNS) -> str:
+    """Metrics ``columns`` in percent (format_metrics_table), then params (M) and images/s."""
+    metric_lines = format_metrics_table(rows, list(columns)).split("\n")
     width = max(len(line) for line in metric_lines)
     extra = [("params (M)", "params_millions", "{:.2f}"), ("img/s", "images_per_second", "{:.1f}")]
     cells = [[header for header, _, _ in extra]] + [[fmt.format(m[key]) for _, key, fmt in extra] for m in rows.values()]

@@ -1,4 +1,5 @@
-"""Datasets for densekd: COCO / LVIS-format detection data, the embedded synthetic long-tail set,
+"""Datasets for densekd: COCO / LVIS-format detection data, semantic-segmentation data (COCO
+instances rendered to masks, mask folders), the embedded synthetic long-tail set,
 albumentations pipelines, MixUp / CutMix and training samplers.
 
 ``densekd.data`` imports nothing from the rest of densekd except the leaf modules
@@ -13,6 +14,19 @@ from densekd.data.samplers import (
     RandomSampler,
     RepeatFactorSampler,
     build_sampler,
+)
+from densekd.data.segmentation import (
+    IGNORE_INDEX,
+    VOC_COCO_CATEGORY_NAMES,
+    MaskFolderDataset,
+    SemanticSegmentationDataset,
+    collate_segmentation,
+)
+from densekd.data.segmentation_transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SegmentationTransform,
+    build_segmentation_transforms,
 )
 from densekd.data.synthetic import (
     PlannedImage,
@@ -43,6 +57,15 @@ __all__ = [
     "validate_coco_file",
     "DetectionTransform",
     "build_detection_transforms",
+    "IGNORE_INDEX",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MaskFolderDataset",
+    "SegmentationTransform",
+    "SemanticSegmentationDataset",
+    "VOC_COCO_CATEGORY_NAMES",
+    "build_segmentation_transforms",
+    "collate_segmentation",
     "MixedDetectionDataset",
     "mixup",
     "cutmix",

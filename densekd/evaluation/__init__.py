@@ -1,4 +1,5 @@
-"""Evaluation: COCO / LVIS-style metrics for detectors and instance segmenters.
+"""Evaluation: COCO / LVIS-style metrics for detectors and instance segmenters, mIoU for
+semantic segmenters.
 
 Stands apart from the rest of densekd (imports nothing from it), so it can score any model.
 """
@@ -24,10 +25,18 @@ from densekd.evaluation.gains import (
     paired_gain,
     seed_summary,
 )
-from densekd.evaluation.plots import plot_gains, plot_per_class_ap
+from densekd.evaluation.plots import plot_gains, plot_per_class_ap, plot_per_class_iou
+from densekd.evaluation.segmentation import (
+    ConfusionMatrix,
+    evaluate_segmentation,
+    format_per_class_iou,
+    group_mean_iou,
+    segmentation_metrics,
+)
 
 __all__ = [
     "BACKENDS",
+    "ConfusionMatrix",
     "COCO_METRIC_NAMES",
     "IOU_TYPES",
     "LVIS_FREQUENCIES",
@@ -39,12 +48,17 @@ __all__ = [
     "evaluate_lvis_style",
     "format_gain",
     "format_mean_std",
+    "evaluate_segmentation",
     "format_metrics_table",
+    "format_per_class_iou",
     "frequency_group_ap",
     "paired_gain",
     "plot_gains",
+    "group_mean_iou",
     "plot_per_class_ap",
+    "plot_per_class_iou",
     "save_results",
     "seed_summary",
+    "segmentation_metrics",
     "to_coco_results",
 ]

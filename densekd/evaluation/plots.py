@@ -1,6 +1,6 @@
-"""Per-class AP bars for several models, classes sorted from frequent to rare, so a reader
-sees at a glance where distillation helped and whether the tail came along; and gains over a
-baseline with their seed error bars, per recipe."""
+"""Per-class AP (detection) or IoU (segmentation) bars for several models, classes sorted from
+frequent to rare, so a reader sees at a glance where distillation helped and whether the tail
+came along; and gains over a baseline with their seed error bars, per recipe."""
 from __future__ import annotations
 
 import math
@@ -17,6 +17,7 @@ def plot_per_class_ap(
     training_images: Mapping[int, int],
     path: Union[str, Path],
     title: str = "",
+    metric: str = "AP",
 ) -> Path:
     """Write a grouped bar chart (PNG) of AP per category for each model.
 
@@ -26,6 +27,7 @@ def plot_per_class_ap(
         training_images: category id -> number of training images; sets the order
             (most frequent first) and labels each class with its count.
         path: PNG file to write.
+        metric: the metric's name on the axis and in the default title.
     """
     import matplotlib
 
@@ -42,9 +44,9 @@ def plot_per_class_ap(
         axes.bar(positions, [0 if math.isnan(v) else v for v in values], width, label=model)
     axes.set_xticks(range(len(categories)))
     axes.set_xticklabels([f"{category_names[c]}\n({training_images.get(c, 0)})" for c in categories], rotation=60, fontsize=7)
-    axes.set_ylabel("AP (%)")
+    axes.set_ylabel(f"{metric} (%)")
     axes.set_xlabel("category (training images), most frequent first")
-    axes.set_title(title or "AP per category")
+    axes.set_title(title or f"{metric} per category")
     axes.legend()
     figure.tight_layout()
     path = Path(path)
@@ -115,3 +117,15 @@ def plot_gains(
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def plot_per_class_iou(
+    per_class_iou: Mapping[str, Mapping[int, float]],
+    class_names: Mapping[int, str],
+    training_images: Mapping[int, int],
+    path: Union[str, Path],
+    title: str = "",
+) -> Path:
+    """:func:`plot_per_class_ap` for segmentation: ``per_class_iou`` maps model name ->
+    {class index: IoU in [0, 1]} (nan for classes absent from ground truth and predictions)."""
+    return plot_per_class_ap(per_class_iou, class_names, training_images, path, title=title, metric="IoU")

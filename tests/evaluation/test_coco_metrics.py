@@ -389,3 +389,63 @@ def test_format_metrics_table():
     ]
     with pytest.raises(ValueError, match="available: AP, AP50"):
         format_metrics_table(rows, ["APr"])
+
+
+# --------------------------------------------------------------------------- instance segmentation
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools' decode, numpy 2
+def test_mask_rcnn_outputs_score_with_coco_and_lvis_segm_metrics():
+    """Mask R-CNN's eval outputs (masks (D, 1, H, W) probabilities at image size) go through
+    to_coco_results(with_masks=True) into COCO and LVIS-style mask AP (iou_type="segm")."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    h = w = 48
+    yy, xx = np.mgrid[:h, :w]
+    disk = (yy - 16) ** 2 + (xx - 16) ** 2 < 9**2  # (H, W) bool
+    bar = (yy >= 26) & (yy < 44) & (xx >= 30) & (xx < 38)
+    def xyxy(mask):
+        return [float(xx[mask].min()), float(yy[mask].min()), float(xx[mask].max() + 1), float(yy[mask].max() + 1)]
+
+    def xywh(mask):
+        x0, y0, x1, y1 = xyxy(mask)
+        return [x0, y0, x1 - x0, y1 - y0]
+
+    gt = {
+        "images": [_image(1, w, h, neg_category_ids=[]), _image(2, w, h)],
+        "categories": _categories([5, 8], ["r", "f"]),
+        "annotations": [
+            _ann(1, 1, 5, xywh(disk), segmentation=_rle(disk)),
+            _ann(2, 1, 8, xywh(bar), segmentation=_rle(bar)),
+            _ann(3, 2, 8, xywh(bar), segmentation=_rle(bar)),
+        ],
+    }
+    label_to_category_id = {1: 5, 2: 8}
+
+    torch.manual_seed(0)
+    layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}  # the levels torchvision's defaults expect
+    backbone = BackboneWithFPN(ResNet(BasicBlock, [1, 1, 1, 1]), layers, [64, 128, 256, 512], 16)
+    model = MaskRCNN(backbone, num_classes=3, min_size=h, max_size=w, box_score_thresh=0.0, box_detections_per_img=10,
+                     rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=50).eval()  # fmt: skip
+    with torch.inference_mode():
+        outputs = model([torch.rand(3, h, w), torch.rand(3, h, w)])
+    assert outputs[0]["masks"].shape[1:] == (1, h, w)
+    results = to_coco_results(outputs, [1, 2], label_to_category_id, with_masks=True)
+    for metrics in (evaluate_coco(gt, results, iou_type="segm"), evaluate_lvis_style(gt, results, iou_type="segm")):
+        assert all(0.0 <= metrics[k] <= 1.0 for k in ("AP", "AP50")), metrics  # untrained: low, but defined
+
+    def prediction(masks, labels):
+        probs = np.stack(masks).astype(np.float32)[:, None] * 0.8 + 0.1  # (D, 1, H, W)
+        return {"boxes": torch.tensor([xyxy(m) for m in masks]), "scores": torch.full((len(masks),), 0.9), "labels": torch.tensor(labels),
+                "masks": torch.from_numpy(probs)}  # fmt: skip
+
+    perfect = to_coco_results([prediction([disk, bar], [1, 2]), prediction([bar], [2])], [1, 2], label_to_category_id, with_masks=True)
+    lvis = evaluate_lvis_style(gt, perfect, iou_type="segm")
+    assert lvis["APr"] == pytest.approx(1.0) and lvis["APf"] == pytest.approx(1.0) and lvis["AP"] == pytest.approx(1.0)
+    assert evaluate_coco(gt, perfect, iou_type="segm")["AP"] == pytest.approx(1.0)
+    # the rare disk's mask shifted by 9 px: its box is still right, its mask is not (IoU < 0.5)
+    shifted = [dict(perfect[0], segmentation=_rle(np.roll(disk, 9, axis=1))), *perfect[1:]]
+    assert evaluate_lvis_style(gt, shifted, iou_type="segm")["APr"] == 0.0
+    assert evaluate_lvis_style(gt, shifted, iou_type="bbox")["APr"] == pytest.approx(1.0)
