@@ -176,7 +176,8 @@ def resolve_bench(args: argparse.Namespace) -> Bench:
     """Defaults (full or --quick) filled in and every choice checked, with errors that say what to do."""
     defaults = {**DEFAULTS, **QUICK} if args.quick else dict(DEFAULTS)
     recipes_dir = Path(args.recipes_dir)
-    available = sorted(p.stem for p in recipes_dir.glob("*.yaml"))
+    # Detection recipes only: seg_* recipes distill segmenters (tools/train_seg.py).
+    available = sorted(p.stem for p in recipes_dir.glob("*.yaml") if not p.stem.startswith("seg_"))
     if not available:
         raise ConfigError(f"--recipes-dir {recipes_dir} holds no recipe (*.yaml).")
     recipes = list(args.recipes or defaults.get("recipes") or available)
