@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,8 +30,8 @@ import torch
 from densekd.categories import CategoryOrderError, categories_path, check_categories, write_categories
 from densekd.config import ConfigError, ExperimentConfig, load_experiment_config
 from densekd.data import BadDatasetError, CocoDetectionDataset, collate_detection
-from densekd.engine import COCO_COLUMNS, LVIS_COLUMNS, TrainingInterrupted, evaluate, init_distributed, is_main_process, save_checkpoint
-from densekd.evaluation import format_metrics_table, plot_per_class_ap, save_results
+from densekd.engine import evaluate, init_distributed, is_main_process, save_checkpoint
+from densekd.evaluation import plot_per_class_ap, save_results
 from densekd.experiment import data_files, prepare_teachers, train_student
 from densekd.models import CheckpointLoadError, build_detector
 from densekd.nonfinite import NonFiniteTrainingError
@@ -47,82 +45,41 @@ from densekd.output_checks import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "tools") not in sys.path:  # the shared CLI parts, also when this file is imported
+    sys.path.insert(0, str(REPO / "tools"))
+from _cli import (  # noqa: E402
+    QUICK_OVERRIDES,  # noqa: F401  (bench_recipes and eval_det import it, jsonable and results_table from here)
+    add_data_arguments,
+    add_run_arguments,
+    data_overrides,
+    jsonable,
+    print_gain_and_timings,
+    print_teacher_sources,
+    report_header,
+    results_table,
+    run_overrides,
+    run_tool,
+    tool_parser,
+)
+
 DEFAULT_CONFIG = REPO / "configs" / "experiments" / "demo.yaml"
 MODELS = ("teacher", "baseline", "distilled")
-# --quick: the same pipeline on a tiny dataset and budget, for smoke tests (little signal).
-QUICK_OVERRIDES = [
-    "data.synthetic={num_train: 300, num_val: 48}",
-    "teacher_optim.iterations=60",
-    "teacher_optim.warmup_iters=10",
-    "optim.iterations=30",
-    "optim.warmup_iters=10",
-    "log_every=10",
-    "checkpoint_every=10",
-]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML (default: the demo)")
-    parser.add_argument("--recipe", help="a recipe of configs/recipes/ (replaces the config's recipe)")
-    parser.add_argument("--quick", action="store_true", help="tiny dataset and budget: a smoke run, little signal")
-    parser.add_argument("--train-ann", help="COCO/LVIS-format training annotations (switches data to 'coco')")
-    parser.add_argument("--train-images", help="folder of the training images")
-    parser.add_argument("--val-ann", help="COCO/LVIS-format validation annotations")
-    parser.add_argument("--val-images", help="folder of the validation images")
+    parser = tool_parser(__doc__)
+    add_data_arguments(parser, DEFAULT_CONFIG, "experiment YAML (default: the demo)",
+                       "a recipe of configs/recipes/ (replaces the config's recipe)", "annotations")  # fmt: skip
     parser.add_argument("--skip-bad", action="store_true", help="drop bad images/annotations (reported) instead of stopping")
-    parser.add_argument("--teacher-ckpt", help="teacher weights (state_dict or a densekd checkpoint); skips teacher training")
-    parser.add_argument("--teacher-weights", help="torchvision pretrained weights of the teacher's builder, e.g. DEFAULT")
-    parser.add_argument("--output", default="runs/train_det", help="folder for checkpoints, logs, metrics and weights")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=0.01")
-    parser.add_argument("--resume", action="store_true", help="continue the phases checkpointed in --output")
-    parser.add_argument("--retrain-teacher", action="store_true", help="ignore a cached teacher")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
+    add_run_arguments(parser, "runs/train_det", 2, "torch CPU threads per process")
     return parser.parse_args(argv)
 
 
 def overrides_from(args: argparse.Namespace) -> list[str]:
-    overrides = list(QUICK_OVERRIDES) if args.quick else []
-    if args.recipe:
-        overrides.append(f"recipe={args.recipe}")
-    real_data = [args.train_ann, args.train_images, args.val_ann, args.val_images]
-    if any(real_data):
-        if not all(real_data):
-            raise ConfigError("real data needs all four of --train-ann, --train-images, --val-ann, --val-images.")
-        overrides += ["data.dataset=coco", f"data.train_ann={args.train_ann}", f"data.train_images={args.train_images}",
-                      f"data.val_ann={args.val_ann}", f"data.val_images={args.val_images}"]  # fmt: skip
+    overrides = data_overrides(args, "real data")
     if args.skip_bad:
         overrides.append("data.skip_bad=true")
-    if args.teacher_ckpt:
-        overrides.append(f"teacher.checkpoint={args.teacher_ckpt}")
-    if args.teacher_weights:
-        overrides.append(f"teacher.weights={args.teacher_weights}")
-    return overrides + list(args.set)
-
-
-def jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN: undefined metrics are null
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def results_table(rows: dict[str, dict], columns: tuple = COCO_COLUMNS + LVIS_COLUMNS) -> str:
-    """Metrics ``columns`` in percent (format_metrics_table), then params (M) and images/s."""
-    metric_lines = format_metrics_table(rows, list(columns)).split("\n")
-    width = max(len(line) for line in metric_lines)
-    extra = [("params (M)", "params_millions", "{:.2f}"), ("img/s", "images_per_second", "{:.1f}")]
-    cells = [[header for header, _, _ in extra]] + [[fmt.format(m[key]) for _, key, fmt in extra] for m in rows.values()]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(extra))]
-    return "\n".join(
-        line.ljust(width) + "".join("  " + cell.rjust(w) for cell, w in zip(row, widths))
-        for line, row in zip(metric_lines, cells)
-    )
+    return overrides + run_overrides(args)
 
 
 def planned_outputs(config: ExperimentConfig, num_classes: int, output: Path) -> dict[Path, int]:
@@ -198,13 +155,7 @@ def run(args: argparse.Namespace) -> int:
     timings["teacher"] = time.perf_counter() - t
     if main:
         write_category_sidecars([Path(info["cache"]) / "teacher.ckpt" for info in teacher_info if "cache" in info], val_set)
-        for index, info in enumerate(teacher_info):
-            source = (
-                f"loaded from {info['checkpoint']}" if "checkpoint" in info
-                else f"torchvision weights {info['weights']}" if "weights" in info
-                else f"trained or reused from {info['cache']}"
-            )  # fmt: skip
-            print(f"[teacher {index}] {source}", flush=True)
+        print_teacher_sources(teacher_info)
     self_distilled = bool((config.distill or {}).get("self_distillation"))
 
     students, summaries = {}, {}
@@ -250,13 +201,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nval split ({len(val_set)} images), AP in percent; students trained {config.optim.iterations} iterations\n")
     print(table)
     gain = {m: rows["distilled"][m] - rows["baseline"][m] for m in ("AP", "APr", "APf")}
-    print("\ndistilled vs baseline: " + ", ".join(f"{m} {100 * g:+.1f}" for m, g in gain.items()))
-    print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    print_gain_and_timings(gain, timings)
     report = {
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "overrides": overrides,
-        "config": json.loads(json.dumps(config, default=lambda section: section.__dict__)),
-        "regime": f"students trained {config.optim.iterations} iterations (batch {config.data.batch_size} x {world_size})",
+        **report_header(overrides, config, world_size),
         "models": rows,
         "per_class_ap": per_class,
         "distilled_minus_baseline": gain,
@@ -270,19 +217,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    try:
-        return run(args)
-    except (ConfigError, BadDatasetError, FileNotFoundError, CategoryOrderError, CheckpointLoadError) as error:
-        print(f"train_det: {error}", file=sys.stderr)
-        return 2
-    except (OutputFolderError, CheckpointWriteError, NonFiniteTrainingError) as error:
-        print(f"train_det: {error}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as interrupted:
-        print(f"train_det: {interrupted}", file=sys.stderr)
-        return 130
+    return run_tool(
+        "train_det", run, parse_args(argv),
+        input_errors=(ConfigError, BadDatasetError, FileNotFoundError, CategoryOrderError, CheckpointLoadError),
+        environment_errors=(OutputFolderError, CheckpointWriteError, NonFiniteTrainingError),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

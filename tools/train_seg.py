@@ -47,61 +47,52 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from densekd.config import ConfigError, load_experiment_config
-from densekd.engine import TrainingInterrupted, init_distributed, is_main_process, save_checkpoint
+from densekd.engine import init_distributed, is_main_process, save_checkpoint
 from densekd.evaluation import evaluate_segmentation, format_per_class_iou, group_mean_iou, plot_per_class_iou
 from densekd.experiment import prepare_teachers, train_student
 from densekd.segmentation_experiment import SEGMENTATION, segmentation_data_files, segmentation_dataset, validation_loader
 from densekd.weighting import lvis_frequency_groups
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-from train_det import jsonable, results_table  # noqa: E402  (one table and JSON format for the tools)
+if str(REPO / "tools") not in sys.path:  # the shared CLI parts, also when this file is imported
+    sys.path.insert(0, str(REPO / "tools"))
+from _cli import (  # noqa: E402  (one set of flags, one table and JSON format for the tools)
+    add_data_arguments,
+    add_run_arguments,
+    data_overrides,
+    jsonable,
+    print_gain_and_timings,
+    print_teacher_sources,
+    real_data_given,
+    report_header,
+    results_table,
+    run_overrides,
+    run_tool,
+    tool_parser,
+)
 
 DEFAULT_CONFIG = REPO / "configs" / "experiments" / "seg_demo.yaml"
 MODELS = ("teacher", "baseline", "distilled")
 # table header -> metric key, in the table's order
 COLUMNS = {"mIoU": "mIoU", "pixAcc": "pixel_accuracy", "mAcc": "mean_class_accuracy",
            "IoUr": "mIoU_r", "IoUc": "mIoU_c", "IoUf": "mIoU_f"}  # fmt: skip
-# --quick: the same pipeline on a tiny dataset and budget, for smoke tests (little signal).
-QUICK_OVERRIDES = [
-    "data.synthetic={num_train: 300, num_val: 48}",
-    "teacher_optim.iterations=60",
-    "teacher_optim.warmup_iters=10",
-    "optim.iterations=30",
-    "optim.warmup_iters=10",
-    "log_every=10",
-    "checkpoint_every=10",
-]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML (default: the segmentation demo)")
-    parser.add_argument("--recipe", help="a recipe of configs/recipes/ (replaces the config's recipe), e.g. seg_long_tail")
-    parser.add_argument("--quick", action="store_true", help="tiny dataset and budget: a smoke run, little signal")
-    parser.add_argument("--train-ann", help="COCO/LVIS-format training instance annotations (switches data to 'coco')")
-    parser.add_argument("--train-images", help="folder of the training images")
-    parser.add_argument("--val-ann", help="COCO/LVIS-format validation instance annotations")
-    parser.add_argument("--val-images", help="folder of the validation images")
+    parser = tool_parser(__doc__)
+    add_data_arguments(parser, DEFAULT_CONFIG, "experiment YAML (default: the segmentation demo)",
+                       "a recipe of configs/recipes/ (replaces the config's recipe), e.g. seg_long_tail",
+                       "instance annotations")  # fmt: skip
     parser.add_argument("--categories", help="with --train-ann: 'voc' or comma-separated category ids / names, in label order")
     parser.add_argument("--mask-folder", help="ROOT with classes.txt and {train,val}/{images,masks}/ (switches data to 'mask_folder')")
-    parser.add_argument("--teacher-ckpt", help="teacher weights (state_dict or a densekd checkpoint); skips teacher training")
-    parser.add_argument("--teacher-weights", help="torchvision pretrained weights of the teacher's builder, e.g. DEFAULT")
-    parser.add_argument("--output", default="runs/train_seg", help="folder for checkpoints, logs, metrics and weights")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=0.01")
-    parser.add_argument("--resume", action="store_true", help="continue the phases checkpointed in --output")
-    parser.add_argument("--retrain-teacher", action="store_true", help="ignore a cached teacher")
-    parser.add_argument(
-        "--threads", type=int, default=1,
-        help="torch CPU threads per process (default 1: the MobileNetV3 models' many small operations ran 3-50x "
+    add_run_arguments(
+        parser, "runs/train_seg", 1,
+        "torch CPU threads per process (default 1: the MobileNetV3 models' many small operations ran 3-50x "
         "slower with 2 threads than with 1 on a busy 2-core machine)",
     )  # fmt: skip
     return parser.parse_args(argv)
@@ -112,29 +103,18 @@ def _categories(text: str) -> list:
 
 
 def overrides_from(args: argparse.Namespace) -> list[str]:
-    overrides = list(QUICK_OVERRIDES) if args.quick else []
-    if args.recipe:
-        overrides.append(f"recipe={args.recipe}")
-    coco = [args.train_ann, args.train_images, args.val_ann, args.val_images]
-    if any(coco) and args.mask_folder:
+    coco = real_data_given(args)
+    if coco and args.mask_folder:
         raise ConfigError("give either COCO annotations (--train-ann ...) or --mask-folder, not both.")
-    if any(coco):
-        if not all(coco):
-            raise ConfigError("COCO data needs all four of --train-ann, --train-images, --val-ann, --val-images.")
-        overrides += ["data.dataset=coco", f"data.train_ann={args.train_ann}", f"data.train_images={args.train_images}",
-                      f"data.val_ann={args.val_ann}", f"data.val_images={args.val_images}"]  # fmt: skip
+    overrides = data_overrides(args, "COCO data")
     if args.categories:
-        if not any(coco):
+        if not coco:
             raise ConfigError("--categories selects COCO categories; it needs --train-ann and friends.")
         value = "voc" if args.categories == "voc" else json.dumps(_categories(args.categories))
         overrides.append(f"data.categories={value}")
     if args.mask_folder:
         overrides += ["data.dataset=mask_folder", f"data.mask_root={args.mask_folder}"]
-    if args.teacher_ckpt:
-        overrides.append(f"teacher.checkpoint={args.teacher_ckpt}")
-    if args.teacher_weights:
-        overrides.append(f"teacher.weights={args.teacher_weights}")
-    return overrides + list(args.set)
+    return overrides + run_overrides(args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -168,13 +148,7 @@ def run(args: argparse.Namespace) -> int:
     )
     timings["teacher"] = time.perf_counter() - t
     if main:
-        for index, info in enumerate(teacher_info):
-            source = (
-                f"loaded from {info['checkpoint']}" if "checkpoint" in info
-                else f"torchvision weights {info['weights']}" if "weights" in info
-                else f"trained or reused from {info['cache']}"
-            )  # fmt: skip
-            print(f"[teacher {index}] {source}", flush=True)
+        print_teacher_sources(teacher_info)
     self_distilled = bool((config.distill or {}).get("self_distillation"))
 
     students, summaries = {}, {}
@@ -225,13 +199,9 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     print(f"\n{per_class_table}")
     gain = {m: rows["distilled"][m] - rows["baseline"][m] for m in ("mIoU", "mIoU_r", "mIoU_f")}
-    print("\ndistilled vs baseline: " + ", ".join(f"{m} {100 * g:+.1f}" for m, g in gain.items()))
-    print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    print_gain_and_timings(gain, timings)
     report = {
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "overrides": overrides,
-        "config": json.loads(json.dumps(config, default=lambda section: section.__dict__)),
-        "regime": f"students trained {config.optim.iterations} iterations (batch {config.data.batch_size} x {world_size})",
+        **report_header(overrides, config, world_size),
         "classes": class_names,
         "frequency_groups": ["-", *groups],
         "training_images": image_counts,
@@ -248,16 +218,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    try:
-        return run(args)
-    except (ConfigError, FileNotFoundError) as error:
-        print(f"train_seg: {error}", file=sys.stderr)
-        return 2
-    except TrainingInterrupted as interrupted:
-        print(f"train_seg: {interrupted}", file=sys.stderr)
-        return 130
+    return run_tool("train_seg", run, parse_args(argv), input_errors=(ConfigError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,18 @@ if TYPE_CHECKING:
     from densekd.evaluation.gains import PairedGain
 
 
+def _save(figure, path: Union[str, Path]) -> Path:
+    """Lay out ``figure``, write it to ``path`` (PNG, parent folders created) and free it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def plot_per_class_ap(
     per_class_ap: Mapping[str, Mapping[int, float]],
     category_names: Mapping[int, str],
@@ -48,12 +60,7 @@ def plot_per_class_ap(
     axes.set_xlabel("category (training images), most frequent first")
     axes.set_title(title or f"{metric} per category")
     axes.legend()
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def plot_gains(
@@ -111,12 +118,7 @@ def plot_gains(
     axes[0][0].invert_yaxis()
     axes[0][-1].legend(title="schedule", fontsize=8)
     figure.suptitle(title or "Gain over baseline (mean ± std of paired seeds; * significant)", fontsize=10)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def plot_per_class_iou(

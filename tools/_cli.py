@@ -1,0 +1,161 @@
+"""What tools/train_det.py and tools/train_seg.py share: the flags both take, the config overrides
+those flags stand for, the teacher lines, the report's common fields, the JSON and table formats
+and the exit codes. Each tool declares only what differs (its help texts, defaults, extra flags)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from densekd.config import ConfigError
+from densekd.engine import COCO_COLUMNS, LVIS_COLUMNS, TrainingInterrupted
+from densekd.evaluation import format_metrics_table
+
+# --quick: the same pipeline on a tiny dataset and budget, for smoke tests (little signal).
+QUICK_OVERRIDES = [
+    "data.synthetic={num_train: 300, num_val: 48}",
+    "teacher_optim.iterations=60",
+    "teacher_optim.warmup_iters=10",
+    "optim.iterations=30",
+    "optim.warmup_iters=10",
+    "log_every=10",
+    "checkpoint_every=10",
+]
+REAL_DATA_FLAGS = "--train-ann, --train-images, --val-ann, --val-images"
+
+
+def tool_parser(doc: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_data_arguments(
+    parser: argparse.ArgumentParser, default_config: Path, config_help: str, recipe_help: str, annotations: str
+) -> None:
+    """--config, --recipe, --quick and the four real-data flags; ``annotations`` names what the
+    annotation files hold (e.g. "annotations", "instance annotations")."""
+    parser.add_argument("--config", default=str(default_config), help=config_help)
+    parser.add_argument("--recipe", help=recipe_help)
+    parser.add_argument("--quick", action="store_true", help="tiny dataset and budget: a smoke run, little signal")
+    parser.add_argument("--train-ann", help=f"COCO/LVIS-format training {annotations} (switches data to 'coco')")
+    parser.add_argument("--train-images", help="folder of the training images")
+    parser.add_argument("--val-ann", help=f"COCO/LVIS-format validation {annotations}")
+    parser.add_argument("--val-images", help="folder of the validation images")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, output: str, threads: int, threads_help: str) -> None:
+    """The teacher's source, --output, --set, --resume, --retrain-teacher and --threads."""
+    parser.add_argument("--teacher-ckpt", help="teacher weights (state_dict or a densekd checkpoint); skips teacher training")
+    parser.add_argument("--teacher-weights", help="torchvision pretrained weights of the teacher's builder, e.g. DEFAULT")
+    parser.add_argument("--output", default=output, help="folder for checkpoints, logs, metrics and weights")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. optim.lr=0.01")
+    parser.add_argument("--resume", action="store_true", help="continue the phases checkpointed in --output")
+    parser.add_argument("--retrain-teacher", action="store_true", help="ignore a cached teacher")
+    parser.add_argument("--threads", type=int, default=threads, help=threads_help)
+
+
+def real_data_given(args: argparse.Namespace) -> bool:
+    return any([args.train_ann, args.train_images, args.val_ann, args.val_images])
+
+
+def data_overrides(args: argparse.Namespace, data_name: str) -> list[str]:
+    """--quick, --recipe and the real-data flags as config overrides; ``data_name`` opens the
+    error for an incomplete set of real-data flags (e.g. "real data")."""
+    overrides = list(QUICK_OVERRIDES) if args.quick else []
+    if args.recipe:
+        overrides.append(f"recipe={args.recipe}")
+    if real_data_given(args):
+        if not all([args.train_ann, args.train_images, args.val_ann, args.val_images]):
+            raise ConfigError(f"{data_name} needs all four of {REAL_DATA_FLAGS}.")
+        overrides += ["data.dataset=coco", f"data.train_ann={args.train_ann}", f"data.train_images={args.train_images}",
+                      f"data.val_ann={args.val_ann}", f"data.val_images={args.val_images}"]  # fmt: skip
+    return overrides
+
+
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """--teacher-ckpt, --teacher-weights and the --set values, last so that they win."""
+    overrides = []
+    if args.teacher_ckpt:
+        overrides.append(f"teacher.checkpoint={args.teacher_ckpt}")
+    if args.teacher_weights:
+        overrides.append(f"teacher.weights={args.teacher_weights}")
+    return overrides + list(args.set)
+
+
+def print_teacher_sources(teacher_info: list[dict]) -> None:
+    for index, info in enumerate(teacher_info):
+        source = (
+            f"loaded from {info['checkpoint']}" if "checkpoint" in info
+            else f"torchvision weights {info['weights']}" if "weights" in info
+            else f"trained or reused from {info['cache']}"
+        )  # fmt: skip
+        print(f"[teacher {index}] {source}", flush=True)
+
+
+def report_header(overrides: list[str], config, world_size: int) -> dict:
+    """The fields every tool's metrics.json opens with: how it was run and on what budget."""
+    return {
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "overrides": overrides,
+        "config": json.loads(json.dumps(config, default=lambda section: section.__dict__)),
+        "regime": f"students trained {config.optim.iterations} iterations (batch {config.data.batch_size} x {world_size})",
+    }
+
+
+def print_gain_and_timings(gain: dict[str, float], timings: dict[str, float]) -> None:
+    print("\ndistilled vs baseline: " + ", ".join(f"{m} {100 * g:+.1f}" for m, g in gain.items()))
+    print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+
+
+def jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN: undefined metrics are null
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def results_table(rows: dict[str, dict], columns: tuple = COCO_COLUMNS + LVIS_COLUMNS) -> str:
+    """Metrics ``columns`` in percent (format_metrics_table), then params (M) and images/s."""
+    metric_lines = format_metrics_table(rows, list(columns)).split("\n")
+    width = max(len(line) for line in metric_lines)
+    extra = [("params (M)", "params_millions", "{:.2f}"), ("img/s", "images_per_second", "{:.1f}")]
+    cells = [[header for header, _, _ in extra]] + [[fmt.format(m[key]) for _, key, fmt in extra] for m in rows.values()]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(extra))]
+    return "\n".join(
+        line.ljust(width) + "".join("  " + cell.rjust(w) for cell, w in zip(row, widths))
+        for line, row in zip(metric_lines, cells)
+    )
+
+
+def run_tool(
+    tool: str,
+    run: Callable[[argparse.Namespace], int],
+    args: argparse.Namespace,
+    input_errors: tuple[type[BaseException], ...],
+    environment_errors: tuple[type[BaseException], ...] = (),
+) -> int:
+    """``run(args)`` with ``args.threads`` torch threads; an error it raises becomes one line on
+    stderr and an exit code: 2 for ``input_errors`` (config, data, checkpoints), 1 for
+    ``environment_errors`` (disk, numerics), 130 for an interrupted training."""
+    torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    except input_errors as error:
+        print(f"{tool}: {error}", file=sys.stderr)
+        return 2
+    except environment_errors as error:
+        print(f"{tool}: {error}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as interrupted:
+        print(f"{tool}: {interrupted}", file=sys.stderr)
+        return 130
