@@ -52,9 +52,13 @@ import time
 from pathlib import Path
 
 from densekd.config import ConfigError, load_experiment_config
+from densekd.data import BadDatasetError
 from densekd.engine import init_distributed, is_main_process, save_checkpoint
 from densekd.evaluation import evaluate_segmentation, format_per_class_iou, group_mean_iou, plot_per_class_iou
 from densekd.experiment import prepare_teachers, train_student
+from densekd.models import CheckpointLoadError
+from densekd.nonfinite import NonFiniteTrainingError
+from densekd.output_checks import CheckpointWriteError, OutputFolderError
 from densekd.segmentation_experiment import SEGMENTATION, segmentation_data_files, segmentation_dataset, validation_loader
 from densekd.weighting import lvis_frequency_groups
 
@@ -218,7 +222,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    return run_tool("train_seg", run, parse_args(argv), input_errors=(ConfigError, FileNotFoundError))
+    return run_tool(
+        "train_seg", run, parse_args(argv),
+        input_errors=(ConfigError, BadDatasetError, FileNotFoundError, CheckpointLoadError),
+        environment_errors=(OutputFolderError, CheckpointWriteError, NonFiniteTrainingError),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
