@@ -1,0 +1,141 @@
+"""What one family's measurements run on, and the timed rows.
+
+A :class:`Workload` holds a family's teacher, student, batch, distillers and optimizers,
+built once (the distillers on first use). :data:`ROWS` maps a row name to the function that
+runs it once on a workload; adding a row (say, distillation from an offline teacher cache)
+means adding one function here.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Callable
+
+import torch
+from torch import nn
+
+from densekd import Distiller, Tap, adapter_for
+from densekd.pairs import teacher_needs
+
+from .families import Family, Scale
+
+# The student's optimizer; the learning rate is small so that the weights (and with them the
+# number of proposals a Faster R-CNN keeps) stay close to where they started over the run.
+LEARNING_RATE = 1e-4
+
+
+class Workload:
+    def __init__(self, family: Family, scale: Scale, device: torch.device, teacher_dtype: torch.dtype, seed: int = 0):
+        self.family, self.scale, self.device = family, scale, device
+        torch.manual_seed(seed)
+        self.teacher = family.build(scale.teacher, scale).to(device=device, dtype=teacher_dtype).eval()
+        self.student = family.build(scale.student, scale).to(device)
+        images, targets = family.batch(scale, seed)
+        self.images = [image.to(device) for image in images]
+        self.teacher_images = [image.to(teacher_dtype) for image in self.images]  # for its own forward
+        self.targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
+        self.student_optimizer = torch.optim.SGD(self.student.parameters(), lr=LEARNING_RATE, momentum=0.9)
+
+    def _distiller(self, terms) -> tuple[Distiller, torch.optim.Optimizer]:
+        distiller = Distiller(self.student, self.teacher, terms, probe_size=self.scale.image_size)
+        return distiller, torch.optim.SGD(distiller.trainable_parameters(), lr=LEARNING_RATE, momentum=0.9)
+
+    @cached_property
+    def full(self) -> tuple[Distiller, torch.optim.Optimizer]:
+        return self._distiller(self.family.full_terms())
+
+    @cached_property
+    def features_only(self) -> tuple[Distiller, torch.optim.Optimizer]:
+        return self._distiller(self.family.feature_terms())
+
+    @cached_property
+    def student_records(self):
+        """The student's outputs on the batch (its proposals drive the teacher's RoI heads)."""
+        adapter = adapter_for(self.student)
+        self.student.train()
+        with torch.no_grad(), Tap(self.student, outputs=adapter.tap_outputs(), inputs=adapter.tap_inputs()) as tap:
+            self.student(self.images, self.targets)
+            return adapter.collect(tap.read())
+
+    def parameters_millions(self) -> dict[str, float]:
+        count = lambda model: sum(p.numel() for p in model.parameters()) / 1e6
+        return {"teacher": count(self.teacher), "student": count(self.student)}
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Workload) -> None:
+    model.train()
+    losses = model(workload.images, workload.targets)
+    optimizer.zero_grad()
+    sum(losses.values()).backward()
+    optimizer.step()
+
+
+def student_step(w: Workload) -> None:
+    """(a) the plain student: forward with its torchvision losses, backward, optimizer step."""
+    _train_step(w.student, w.student_optimizer, w)
+
+
+def teacher_forward(w: Workload) -> None:
+    """(b) the teacher's own full forward in eval mode under no_grad: transform, backbone + FPN,
+    heads and post-processing (box decoding, NMS) to detections."""
+    w.teacher.eval()
+    with torch.no_grad():
+        w.teacher(w.teacher_images)
+
+
+def distill_step(w: Workload) -> None:
+    """(c) a densekd step with the family's full recipe: student forward with taps, teacher on
+    the student's batch, every term, backward through student and connectors, optimizer step."""
+    _train_step(*w.full, w)
+
+
+def distill_step_features(w: Workload) -> None:
+    """A densekd step with feature terms only (the teacher stops after its FPN)."""
+    _train_step(*w.features_only, w)
+
+
+def teacher_backbone_fpn(w: Workload) -> None:
+    """The teacher's transform and backbone + FPN under no_grad: its cost for feature terms."""
+    with torch.no_grad():
+        batch, _ = w.teacher.transform(w.teacher_images)
+        w.teacher.backbone(batch.tensors)
+
+
+def teacher_distill_work(w: Workload) -> None:
+    """What the full recipe asks of the teacher, alone: its transform, backbone + FPN and the
+    head outputs the terms compare (RoI heads on the student's proposals), under no_grad."""
+    adapter = adapter_for(w.teacher)
+    needs = set().union(*(teacher_needs(term) for term in w.full[0].terms))
+    with torch.no_grad():
+        batch, _ = w.teacher.transform(w.teacher_images)
+        adapter.run(batch, needs, w.student_records)
+
+
+ROWS: dict[str, Callable[[Workload], None]] = {
+    "student_step": student_step,
+    "teacher_forward": teacher_forward,
+    "distill_step": distill_step,
+    "distill_step_features": distill_step_features,
+    "teacher_backbone_fpn": teacher_backbone_fpn,
+    "teacher_distill_work": teacher_distill_work,
+}
+
+# Rows whose peak memory is measured: the three of the overhead ratio.
+MEMORY_ROWS = ("student_step", "teacher_forward", "distill_step")
+
+
+def teacher_head_runs(w: Workload) -> int:
+    """How many times the teacher's heads (everything after its FPN) run in one feature-only
+    distillation step: 0 when the teacher stops after its FPN."""
+    backbone = w.teacher.backbone
+    calls = []
+    handles = [
+        module.register_forward_hook(lambda *_: calls.append(1))
+        for name, module in w.teacher.named_children()
+        if module is not backbone and name != "transform" and any(True for _ in module.parameters())
+    ]
+    try:
+        distill_step_features(w)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return len(calls)
