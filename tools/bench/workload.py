@@ -34,9 +34,12 @@ class Workload:
         self.teacher_images = [image.to(teacher_dtype) for image in self.images]  # for its own forward
         self.targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
         self.student_optimizer = torch.optim.SGD(self.student.parameters(), lr=LEARNING_RATE, momentum=0.9)
+        # Modes are set once, as a training loop does: the student trains, the teacher stays in
+        # eval mode (the distillers keep it there).
+        self.student.train()
 
     def _distiller(self, terms) -> tuple[Distiller, torch.optim.Optimizer]:
-        distiller = Distiller(self.student, self.teacher, terms, probe_size=self.scale.image_size)
+        distiller = Distiller(self.student, self.teacher, terms, probe_size=self.scale.image_size).train()
         return distiller, torch.optim.SGD(distiller.trainable_parameters(), lr=LEARNING_RATE, momentum=0.9)
 
     @cached_property
@@ -51,7 +54,6 @@ class Workload:
     def student_records(self):
         """The student's outputs on the batch (its proposals drive the teacher's RoI heads)."""
         adapter = adapter_for(self.student)
-        self.student.train()
         with torch.no_grad(), Tap(self.student, outputs=adapter.tap_outputs(), inputs=adapter.tap_inputs()) as tap:
             self.student(self.images, self.targets)
             return adapter.collect(tap.read())
@@ -62,7 +64,6 @@ class Workload:
 
 
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Workload) -> None:
-    model.train()
     losses = model(workload.images, workload.targets)
     optimizer.zero_grad()
     sum(losses.values()).backward()
@@ -77,7 +78,6 @@ def student_step(w: Workload) -> None:
 def teacher_forward(w: Workload) -> None:
     """(b) the teacher's own full forward in eval mode under no_grad: transform, backbone + FPN,
     heads and post-processing (box decoding, NMS) to detections."""
-    w.teacher.eval()
     with torch.no_grad():
         w.teacher(w.teacher_images)
 
