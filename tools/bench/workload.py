@@ -15,6 +15,7 @@ from torch import nn
 
 from densekd import Distiller, Tap, adapter_for
 from densekd.pairs import teacher_needs
+from densekd.precision import teacher_autocast
 
 from .families import Family, Scale
 
@@ -31,7 +32,6 @@ class Workload:
         self.student = family.build(scale.student, scale).to(device)
         images, targets = family.batch(scale, seed)
         self.images = [image.to(device) for image in images]
-        self.teacher_images = [image.to(teacher_dtype) for image in self.images]  # for its own forward
         self.targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
         self.student_optimizer = torch.optim.SGD(self.student.parameters(), lr=LEARNING_RATE, momentum=0.9)
         # Modes are set once, as a training loop does: the student trains, the teacher stays in
@@ -78,8 +78,8 @@ def student_step(w: Workload) -> None:
 def teacher_forward(w: Workload) -> None:
     """(b) the teacher's own full forward in eval mode under no_grad: transform, backbone + FPN,
     heads and post-processing (box decoding, NMS) to detections."""
-    with torch.no_grad():
-        w.teacher(w.teacher_images)
+    with torch.no_grad(), teacher_autocast(w.teacher, w.device):
+        w.teacher(w.images)
 
 
 def distill_step(w: Workload) -> None:
@@ -95,8 +95,8 @@ def distill_step_features(w: Workload) -> None:
 
 def teacher_backbone_fpn(w: Workload) -> None:
     """The teacher's transform and backbone + FPN under no_grad: its cost for feature terms."""
-    with torch.no_grad():
-        batch, _ = w.teacher.transform(w.teacher_images)
+    with torch.no_grad(), teacher_autocast(w.teacher, w.device):
+        batch, _ = w.teacher.transform(w.images)
         w.teacher.backbone(batch.tensors)
 
 
@@ -105,8 +105,8 @@ def teacher_distill_work(w: Workload) -> None:
     head outputs the terms compare (RoI heads on the student's proposals), under no_grad."""
     adapter = adapter_for(w.teacher)
     needs = set().union(*(teacher_needs(term) for term in w.full[0].terms))
-    with torch.no_grad():
-        batch, _ = w.teacher.transform(w.teacher_images)
+    with torch.no_grad(), teacher_autocast(w.teacher, w.device):
+        batch, _ = w.teacher.transform(w.images)
         adapter.run(batch, needs, w.student_records)
 
 
