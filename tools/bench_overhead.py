@@ -169,6 +169,7 @@ def measure_family(family_name: str, settings: dict) -> dict[str, Any]:
         "feature_terms": [term.name for term in workload.features_only[0].terms],
         "times_ms": ms,
         "overhead_ratio": c / (a + b),
+        "overhead_ratio_needed_teacher": c / (a + ms["teacher_distill_work"]),
         "densekd_own_ms": c - a - ms["teacher_distill_work"],
         "feature_only": {
             "distill_step_minus_student_step_ms": ms["distill_step_features"] - a,
@@ -204,7 +205,7 @@ def machine_info(settings: dict, threads: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "teacher_dtype": str(settings["teacher_dtype"]).replace("torch.", ""),
     }
 
@@ -229,29 +230,35 @@ def text_report(report: dict[str, Any]) -> str:
         "(a) student step: plain student forward + losses, backward, SGD step",
         "(b) teacher forward: the teacher's full eval forward under no_grad, to detections (NMS included)",
         "(c) distill step: densekd with the family's full recipe, backward, SGD step",
+        "(t) teacher work: what the recipe needs of the teacher (transform, backbone + FPN, compared heads), alone",
         "",
     ]
     families = report["families"]
     cpu_column = all("overhead_ratio_cpu" in f for f in families.values())
-    header = ["family", "(a) ms", "(b) ms", "(c) ms", "c/(a+b)", "densekd own ms"] + (["c/(a+b) cpu"] if cpu_column else [])
-    memory_rows = report.get("memory")
-    if memory_rows:
-        header += ["(a) MiB", "(b) MiB", "(c) MiB", "mem c/(a+b)"]
+    header = ["family", "(a) ms", "(b) ms", "(c) ms", "c/(a+b)"] + (["cpu c/(a+b)"] if cpu_column else [])
+    header += ["(t) ms", "c/(a+t)", "densekd own ms"]
     rows = []
-    for name, f in families.items():
+    for f in families.values():
         t = f["times_ms"]
-        row = [f["title"], *(f"{t[k]:.1f}" for k in MEMORY_ROWS), f"{f['overhead_ratio']:.3f}", f"{f['densekd_own_ms']:.1f}"]
+        row = [f["title"], *(f"{t[k]:.1f}" for k in MEMORY_ROWS), f"{f['overhead_ratio']:.3f}"]
         row += [f"{f['overhead_ratio_cpu']:.3f}"] if cpu_column else []
-        if memory_rows:
-            mem = memory_rows["families"][name]
-            row += [*(f"{mem[k]:.1f}" for k in MEMORY_ROWS), f"{mem['ratio']:.3f}"]
+        row += [f"{t['teacher_distill_work']:.1f}", f"{f['overhead_ratio_needed_teacher']:.3f}", f"{f['densekd_own_ms']:.1f}"]
         rows.append(row)
     lines.append(_table(header, rows))
-    lines.append("times: median wall clock; densekd own = (c) - (a) - the teacher work the recipe needs, timed alone")
+    lines.append("median wall-clock times; densekd own = (c) - (a) - (t): the distiller's own work")
     if cpu_column:
-        lines.append("c/(a+b) cpu: the same ratio from this process's CPU time, less disturbed by other processes")
+        lines.append("cpu c/(a+b): the same ratio from this process's CPU time, less disturbed by other processes")
+    memory_rows = report.get("memory")
+    if memory_rows and memory_rows["families"]:
+        lines += ["", "peak memory (MiB):"]
+        header = ["family", "(a)", "(b)", "(c)", "c/(a+b)"]
+        rows = [
+            [families[name]["title"], *(f"{mem[k]:.1f}" for k in MEMORY_ROWS), f"{mem['ratio']:.3f}"]
+            for name, mem in memory_rows["families"].items()
+        ]
+        lines.append(_table(header, rows))
     if memory_rows:
-        lines.append(f"peak memory: {memory_rows['method']}")
+        lines.append(f"method: {memory_rows['method']}")
     lines += ["", "feature-only distillation (" + ", ".join(next(iter(families.values()))["feature_terms"]) + "):"]
     header = ["family", "step - (a) ms", "teacher backbone+FPN ms", "teacher forward ms", "teacher head runs"]
     rows = [

@@ -2,7 +2,8 @@
 
 CUDA: ``torch.cuda.max_memory_allocated`` around one step, in this process.
 
-CPU (Linux): a fresh forked process per row builds the workload, runs the row once (so
+CPU (Linux): a fresh forked process per row fixes glibc's mmap threshold (so that a tensor's
+memory returns to the system when it is freed), builds the workload, runs the row once (so
 gradients and optimizer state exist), returns freed memory to the system (``malloc_trim``),
 resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), runs the row again and reports
 VmHWM - VmRSS: the peak resident memory of one steady-state step above the memory held between
@@ -24,11 +25,13 @@ import torch
 
 CUDA_METHOD = "torch.cuda.max_memory_allocated during one step minus memory allocated before it"
 CPU_METHOD = (
-    "peak RSS of one steady-state step minus RSS before it (after one warm-up step and malloc_trim), "
-    "Linux /proc/self/status VmHWM reset through /proc/self/clear_refs, one fresh forked process per row"
+    "peak RSS of one steady-state step minus RSS before it (after one warm-up step and malloc_trim; "
+    "allocations over 64 KiB mmapped), Linux /proc/self/status VmHWM reset through /proc/self/clear_refs, "
+    "one fresh forked process per row"
 )
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 MiB = 2**20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
 def cpu_method_available() -> Optional[str]:
@@ -60,8 +63,18 @@ def _release_freed_memory() -> None:
             libc.malloc_trim(0)
 
 
+def _fixed_mmap_threshold() -> None:
+    """glibc: serve every allocation over 64 KiB with its own mmap, returned to the system on
+    free. By default glibc raises that threshold as blocks are freed and then carves tensors
+    out of its heap, where fragmentation makes the peak RSS of a step vary from run to run."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name and hasattr(ctypes.CDLL(libc_name), "mallopt"):
+        ctypes.CDLL(libc_name).mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+
+
 def _cpu_child(connection, build: Callable, run: Callable) -> None:
     try:
+        _fixed_mmap_threshold()
         workload = build()
         run(workload)  # warm-up: gradients, optimizer state, lazily built distillers
         _release_freed_memory()
