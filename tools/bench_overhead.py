@@ -158,7 +158,7 @@ def measure_family(family_name: str, settings: dict) -> dict[str, Any]:
     family = FAMILIES[family_name]
     workload = Workload(family, settings["scale"], settings["device"], settings["teacher_dtype"], settings["seed"])
     head_runs = teacher_head_runs(workload)  # also builds the lazily made distillers
-    workload.student_records  # noqa: B018  (recorded once, before the timing)
+    workload.student_records  # noqa: B018  (recorded before the timing)
     medians = median_times(workload, settings["warmup"], settings["repeats"])
     ms = {name: 1000 * value for name, value in medians["wall"].items()}
     a, b, c = ms["student_step"], ms["teacher_forward"], ms["distill_step"]
@@ -230,7 +230,7 @@ def text_report(report: dict[str, Any]) -> str:
         "(a) student step: plain student forward + losses, backward, SGD step",
         "(b) teacher forward: the teacher's full eval forward under no_grad, to detections (NMS included)",
         "(c) distill step: densekd with the family's full recipe, backward, SGD step",
-        "(t) teacher work: what the recipe needs of the teacher (transform, backbone + FPN, compared heads), alone",
+        "(t) teacher work: what the recipe needs of the teacher (backbone + FPN, compared heads), alone",
         "",
     ]
     families = report["families"]

@@ -12,8 +12,9 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torchvision.models.detection.image_list import ImageList
 
-from densekd import Distiller, Tap, adapter_for
+from densekd import DenseOutputs, Distiller, Tap, adapter_for
 from densekd.pairs import teacher_needs
 from densekd.precision import teacher_autocast
 
@@ -51,12 +52,14 @@ class Workload:
         return self._distiller(self.family.feature_terms())
 
     @cached_property
-    def student_records(self):
-        """The student's outputs on the batch (its proposals drive the teacher's RoI heads)."""
+    def student_records(self) -> tuple[ImageList, DenseOutputs]:
+        """The student's resized batch, which the distiller hands to the teacher, and its
+        outputs (its proposals drive the teacher's RoI heads), recorded once."""
         adapter = adapter_for(self.student)
         with torch.no_grad(), Tap(self.student, outputs=adapter.tap_outputs(), inputs=adapter.tap_inputs()) as tap:
             self.student(self.images, self.targets)
-            return adapter.collect(tap.read())
+            records = tap.read()
+        return records["transform"][0], adapter.collect(records)
 
     def parameters_millions(self) -> dict[str, float]:
         count = lambda model: sum(p.numel() for p in model.parameters()) / 1e6
@@ -101,13 +104,15 @@ def teacher_backbone_fpn(w: Workload) -> None:
 
 
 def teacher_distill_work(w: Workload) -> None:
-    """What the full recipe asks of the teacher, alone: its transform, backbone + FPN and the
-    head outputs the terms compare (RoI heads on the student's proposals), under no_grad."""
+    """What the full recipe asks of the teacher, alone, as the distiller runs it: backbone + FPN
+    and the head outputs the terms compare (RoI heads on the student's proposals) on the
+    student's resized batch, under no_grad. (Teacher and student share mean and std here, so
+    the distiller hands the batch over as it is.)"""
     adapter = adapter_for(w.teacher)
     needs = set().union(*(teacher_needs(term) for term in w.full[0].terms))
+    batch, student = w.student_records
     with torch.no_grad(), teacher_autocast(w.teacher, w.device):
-        batch, _ = w.teacher.transform(w.images)
-        adapter.run(batch, needs, w.student_records)
+        adapter.run(batch, needs, student)
 
 
 ROWS: dict[str, Callable[[Workload], None]] = {
