@@ -21,10 +21,12 @@ the median after warm-up of:
       backward through student and connectors, SGD step;
 
 and the overhead ratio c / (a + b): 1.00 means densekd costs nothing beyond the two forwards.
-Also: a feature-only distillation step, the teacher's backbone + FPN alone and how many times
-the teacher's heads run in that step (0: it stops after its FPN); the teacher work the full
-recipe needs, alone, and densekd's own time c - a - that work; the peak memory of (a), (b) and
-(c) (the method is printed); pycocotools against faster-coco-eval on the same detections.
+Also: (t) the teacher work the recipe needs, alone (backbone + FPN and the compared heads on
+the student's batch, without post-processing), (k) densekd's own work alone (the terms with
+their connectors, forward and backward) and c / (a + t); a feature-only distillation step, the
+teacher's backbone + FPN alone and how many times the teacher's heads run in that step (0: it
+stops after its FPN); the peak memory of (a), (b) and (c) (the method is printed);
+pycocotools against faster-coco-eval on the same detections.
 
 Timings on a shared machine are noisy: compare ratios from one run, not runs.
 """
@@ -170,7 +172,8 @@ def measure_family(family_name: str, settings: dict) -> dict[str, Any]:
         "times_ms": ms,
         "overhead_ratio": c / (a + b),
         "overhead_ratio_needed_teacher": c / (a + ms["teacher_distill_work"]),
-        "densekd_own_ms": c - a - ms["teacher_distill_work"],
+        "kd_share": ms["kd_terms"] / c,
+        "densekd_own_ms": c - a - ms["teacher_distill_work"],  # noisier than kd_terms: a difference of large times
         "feature_only": {
             "distill_step_minus_student_step_ms": ms["distill_step_features"] - a,
             "teacher_backbone_fpn_ms": ms["teacher_backbone_fpn"],
@@ -231,21 +234,23 @@ def text_report(report: dict[str, Any]) -> str:
         "(b) teacher forward: the teacher's full eval forward under no_grad, to detections (NMS included)",
         "(c) distill step: densekd with the family's full recipe, backward, SGD step",
         "(t) teacher work: what the recipe needs of the teacher (backbone + FPN, compared heads), alone",
+        "(k) kd terms: densekd's own work, the recipe's terms (connectors included) forward + backward, alone",
         "",
     ]
     families = report["families"]
     cpu_column = all("overhead_ratio_cpu" in f for f in families.values())
     header = ["family", "(a) ms", "(b) ms", "(c) ms", "c/(a+b)"] + (["cpu c/(a+b)"] if cpu_column else [])
-    header += ["(t) ms", "c/(a+t)", "densekd own ms"]
+    header += ["(t) ms", "(k) ms", "k/c", "c/(a+t)"]
     rows = []
     for f in families.values():
         t = f["times_ms"]
         row = [f["title"], *(f"{t[k]:.1f}" for k in MEMORY_ROWS), f"{f['overhead_ratio']:.3f}"]
         row += [f"{f['overhead_ratio_cpu']:.3f}"] if cpu_column else []
-        row += [f"{t['teacher_distill_work']:.1f}", f"{f['overhead_ratio_needed_teacher']:.3f}", f"{f['densekd_own_ms']:.1f}"]
+        row += [f"{t['teacher_distill_work']:.1f}", f"{t['kd_terms']:.1f}", f"{f['kd_share']:.3f}"]
+        row += [f"{f['overhead_ratio_needed_teacher']:.3f}"]
         rows.append(row)
     lines.append(_table(header, rows))
-    lines.append("median wall-clock times; densekd own = (c) - (a) - (t): the distiller's own work")
+    lines.append("median wall-clock times; c/(a+t) near 1 + k/c when the rest of the step costs nothing extra")
     if cpu_column:
         lines.append("cpu c/(a+b): the same ratio from this process's CPU time, less disturbed by other processes")
     memory_rows = report.get("memory")

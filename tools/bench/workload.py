@@ -7,16 +7,17 @@ means adding one function here.
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import cached_property
 from typing import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
 from densekd import DenseOutputs, Distiller, Tap, adapter_for
-from densekd.pairs import teacher_needs
-from densekd.precision import teacher_autocast
+from densekd.pairs import StepContext, teacher_needs, term_loss
+from densekd.precision import outputs_in, teacher_autocast
 
 from .families import Family, Scale
 
@@ -61,6 +62,16 @@ class Workload:
             records = tap.read()
         return records["transform"][0], adapter.collect(records)
 
+    @cached_property
+    def recorded_step(self) -> tuple[DenseOutputs, DenseOutputs]:
+        """One step's student outputs and the teacher's outputs on the same batch, recorded
+        once: what the terms compare."""
+        batch, student = self.student_records
+        teacher_adapter = adapter_for(self.teacher)
+        with torch.no_grad(), teacher_autocast(self.teacher, self.device):
+            teacher = teacher_adapter.run(batch, _full_recipe_needs(self), student)
+        return student, outputs_in(teacher, batch.tensors.dtype)
+
     def parameters_millions(self) -> dict[str, float]:
         count = lambda model: sum(p.numel() for p in model.parameters()) / 1e6
         return {"teacher": count(self.teacher), "student": count(self.student)}
@@ -103,16 +114,38 @@ def teacher_backbone_fpn(w: Workload) -> None:
         w.teacher.backbone(batch.tensors)
 
 
+def _full_recipe_needs(w: Workload) -> set[str]:
+    return set().union(*(teacher_needs(term) for term in w.full[0].terms))
+
+
+def _as_leaves(outputs: DenseOutputs) -> DenseOutputs:
+    """The student's floating-point outputs as fresh leaves that take gradients."""
+    leaf = lambda t: t.detach().requires_grad_(True) if isinstance(t, Tensor) and t.is_floating_point() else t
+    fields = {f.name: getattr(outputs, f.name) for f in dataclasses.fields(outputs)}
+    fields = {name: {k: leaf(v) for k, v in value.items()} if isinstance(value, dict) else leaf(value) for name, value in fields.items()}
+    return dataclasses.replace(outputs, **fields)
+
+
+def kd_terms(w: Workload) -> None:
+    """densekd's own work alone: the full recipe's terms (connectors included), forward and
+    backward, on one step's recorded student and teacher outputs."""
+    distiller = w.full[0]
+    student, teacher = w.recorded_step
+    context = StepContext(
+        _as_leaves(student), [teacher], distiller.teacher_weights, distiller.student_adapter,
+        distiller.connectors, distiller.level_pairs, iteration=0,
+    )  # fmt: skip
+    sum(float(term.weight_at(0)) * term_loss(term, context) for term in distiller.terms).backward()
+
+
 def teacher_distill_work(w: Workload) -> None:
     """What the full recipe asks of the teacher, alone, as the distiller runs it: backbone + FPN
     and the head outputs the terms compare (RoI heads on the student's proposals) on the
     student's resized batch, under no_grad. (Teacher and student share mean and std here, so
     the distiller hands the batch over as it is.)"""
-    adapter = adapter_for(w.teacher)
-    needs = set().union(*(teacher_needs(term) for term in w.full[0].terms))
     batch, student = w.student_records
     with torch.no_grad(), teacher_autocast(w.teacher, w.device):
-        adapter.run(batch, needs, student)
+        adapter_for(w.teacher).run(batch, _full_recipe_needs(w), student)
 
 
 ROWS: dict[str, Callable[[Workload], None]] = {
@@ -122,6 +155,7 @@ ROWS: dict[str, Callable[[Workload], None]] = {
     "distill_step_features": distill_step_features,
     "teacher_backbone_fpn": teacher_backbone_fpn,
     "teacher_distill_work": teacher_distill_work,
+    "kd_terms": kd_terms,
 }
 
 # Rows whose peak memory is measured: the three of the overhead ratio.
