@@ -159,15 +159,35 @@ def detection_batch(scale: Scale, seed: int) -> tuple[list[Tensor], list[dict[st
     return images, targets
 
 
+def detection_losses(model: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """A torchvision detector in training mode computes its own losses."""
+    return model(images, targets)
+
+
+def detection_forward(model: nn.Module, images: list[Tensor]) -> object:
+    """The detector's full eval forward, to post-processed detections."""
+    return model(images)
+
+
+def detection_features(model: nn.Module, images: list[Tensor]) -> object:
+    """Transform, then backbone + FPN: what a feature-only teacher computes."""
+    batch, _ = model.transform(images)
+    return model.backbone(batch.tensors)
+
+
 @dataclass(frozen=True)
 class Family:
-    """One row group of the benchmark."""
+    """One row group of the benchmark. The defaults fit torchvision detectors; a family whose
+    models are called differently (segmentation) passes its own functions."""
 
     title: str  # as printed, e.g. the torchvision class
     build: Callable[[ModelSpec, Scale], nn.Module]
     full_terms: Callable[[], list[Term]]
     feature_terms: Callable[[], list[Term]]
     batch: Callable[[Scale, int], tuple[list[Tensor], list[dict[str, Tensor]]]] = detection_batch
+    student_losses: Callable[..., dict[str, Tensor]] = detection_losses  # (model, images, targets)
+    teacher_forward: Callable[..., object] = detection_forward  # (model, images), eval, no_grad
+    teacher_features: Callable[..., object] = detection_features  # (model, images), eval, no_grad
 
 
 FAMILIES: dict[str, Family] = {

@@ -12,7 +12,7 @@ from functools import cached_property
 from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.models.detection.image_list import ImageList
 
 from densekd import DenseOutputs, Distiller, Tap, adapter_for
@@ -77,8 +77,7 @@ class Workload:
         return {"teacher": count(self.teacher), "student": count(self.student)}
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Workload) -> None:
-    losses = model(workload.images, workload.targets)
+def _optimizer_step(losses: dict[str, Tensor], optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad()
     sum(losses.values()).backward()
     optimizer.step()
@@ -86,32 +85,33 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, workload: Wo
 
 def student_step(w: Workload) -> None:
     """(a) the plain student: forward with its torchvision losses, backward, optimizer step."""
-    _train_step(w.student, w.student_optimizer, w)
+    _optimizer_step(w.family.student_losses(w.student, w.images, w.targets), w.student_optimizer)
 
 
 def teacher_forward(w: Workload) -> None:
     """(b) the teacher's own full forward in eval mode under no_grad: transform, backbone + FPN,
     heads and post-processing (box decoding, NMS) to detections."""
     with torch.no_grad(), teacher_autocast(w.teacher, w.device):
-        w.teacher(w.images)
+        w.family.teacher_forward(w.teacher, w.images)
 
 
 def distill_step(w: Workload) -> None:
     """(c) a densekd step with the family's full recipe: student forward with taps, teacher on
     the student's batch, every term, backward through student and connectors, optimizer step."""
-    _train_step(*w.full, w)
+    distiller, optimizer = w.full
+    _optimizer_step(distiller(w.images, w.targets), optimizer)
 
 
 def distill_step_features(w: Workload) -> None:
     """A densekd step with feature terms only (the teacher stops after its FPN)."""
-    _train_step(*w.features_only, w)
+    distiller, optimizer = w.features_only
+    _optimizer_step(distiller(w.images, w.targets), optimizer)
 
 
 def teacher_backbone_fpn(w: Workload) -> None:
     """The teacher's transform and backbone + FPN under no_grad: its cost for feature terms."""
     with torch.no_grad(), teacher_autocast(w.teacher, w.device):
-        batch, _ = w.teacher.transform(w.images)
-        w.teacher.backbone(batch.tensors)
+        w.family.teacher_features(w.teacher, w.images)
 
 
 def _full_recipe_needs(w: Workload) -> set[str]:
