@@ -32,9 +32,9 @@ def noisy_detections(gt: dict, detections_per_image: int, seed: int) -> list[dic
         by_image[annotation["image_id"]].append(annotation)
     sizes = {image["id"]: (image["width"], image["height"]) for image in gt["images"]}
     records = []
-    for image_id, annotations in by_image.items():
+    for image_id, objects in by_image.items():
         width, height = sizes[image_id]
-        for annotation in annotations:
+        for annotation in objects:
             x, y, w, h = annotation["bbox"]
             for _ in range(COPIES_PER_OBJECT):
                 dx, dy, dw, dh = rng.normal(0.0, 0.12, 4) * [w, h, w, h]
@@ -45,7 +45,7 @@ def noisy_detections(gt: dict, detections_per_image: int, seed: int) -> list[dic
                     "bbox": [float(x + dx), float(y + dy), float(max(1.0, w + dw)), float(max(1.0, h + dh))],
                     "score": float(rng.uniform(0.3, 1.0)),
                 })  # fmt: skip
-        for _ in range(max(0, detections_per_image - COPIES_PER_OBJECT * len(annotations))):
+        for _ in range(max(0, detections_per_image - COPIES_PER_OBJECT * len(objects))):
             w, h = rng.uniform(4, width / 2), rng.uniform(4, height / 2)
             records.append({
                 "image_id": image_id,
