@@ -21,7 +21,7 @@ def test_quick_run_reports_every_family_memory_and_agreeing_evaluators(tmp_path)
     env = {**os.environ, "DENSEKD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     output = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--repeats", "1", "--json", str(output)],
+        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--warmup", "0", "--repeats", "1", "--json", str(output)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

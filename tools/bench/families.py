@@ -42,9 +42,10 @@ class Scale:
     batch_size: int
     teacher: ModelSpec
     student: ModelSpec
-    # Faster R-CNN: proposals kept per image after the RPN's NMS and RoIs sampled per image
-    # for the box head, in training (torchvision's defaults: 2000 and 512).
+    # Faster R-CNN: proposals kept per image after the RPN's NMS in training and in evaluation,
+    # and RoIs sampled per image for the box head in training (torchvision's defaults).
     rpn_proposals: int = 2000
+    rpn_test_proposals: int = 1000
     roi_samples: int = 512
 
 
@@ -52,7 +53,7 @@ class Scale:
 DEFAULT_SCALE = Scale(160, 4, ModelSpec("resnet34", 128, 4), ModelSpec("resnet18", 64, 2))
 #: --quick: narrow FPNs on small images and a lighter RoI stage, a smoke run.
 QUICK_SCALE = Scale(
-    64, 2, ModelSpec("resnet18", 64, 1), ModelSpec("resnet18", 32, 1), rpn_proposals=300, roi_samples=64
+    64, 2, ModelSpec("resnet18", 64, 1), ModelSpec("resnet18", 32, 1), rpn_proposals=300, rpn_test_proposals=300, roi_samples=64
 )
 
 _BODIES = {"resnet18": resnet18, "resnet34": resnet34}
@@ -82,6 +83,8 @@ def build_faster_rcnn(spec: ModelSpec, scale: Scale) -> FasterRCNN:
         rpn_anchor_generator=anchors,
         rpn_pre_nms_top_n_train=scale.rpn_proposals,
         rpn_post_nms_top_n_train=scale.rpn_proposals,
+        rpn_pre_nms_top_n_test=scale.rpn_test_proposals,
+        rpn_post_nms_top_n_test=scale.rpn_test_proposals,
         box_batch_size_per_image=scale.roi_samples,
     )
 
