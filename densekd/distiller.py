@@ -23,6 +23,7 @@ from .distiller_base import DistillerBase
 from .label_smoothing import check_label_smoothing, smoothed_focal_loss, smoothed_roi_classification_loss
 from .outputs import DenseOutputs
 from .pairs import StepContext, teacher_needs, term_loss
+from .precision import is_low_precision, outputs_in, teacher_autocast
 from .segmentation_distiller import SegmentationDistiller
 from .taps import Tap
 from .terms import Term
@@ -57,6 +58,9 @@ class Distiller(DistillerBase):
             loss (``densekd.label_smoothing``); 0 keeps torchvision's loss as it is.
         probe_size: side of the blank image of the construction-time dry run that infers
             feature shapes (connectors, stride checks).
+
+    A teacher stored in bfloat16 or float16 (``teacher.to(torch.bfloat16)``) runs under
+    autocast; its outputs reach the losses in the student's precision.
     """
 
     class_indexed_outputs = _CLASS_INDEXED_OUTPUTS
@@ -202,9 +206,15 @@ class Distiller(DistillerBase):
     def _run_teacher(self, index: int, images: list[Tensor], student_batch: ImageList, student: DenseOutputs) -> DenseOutputs:
         adapter = self.teacher_adapters[index]
         if self.teacher_geometry == "student":
-            return adapter.run(self._renormalized(student_batch, adapter), self._teacher_needs, student)
-        batch, _ = adapter.model.transform(images)
-        return adapter.run(batch, self._teacher_needs, _rescaled_rois(student, batch.image_sizes))
+            batch, rois = self._renormalized(student_batch, adapter), student
+        else:
+            batch, _ = adapter.model.transform(images)
+            rois = _rescaled_rois(student, batch.image_sizes)
+        if not is_low_precision(adapter.model):
+            return adapter.run(batch, self._teacher_needs, rois)
+        with teacher_autocast(adapter.model, batch.tensors.device):  # e.g. a bfloat16 teacher
+            outputs = adapter.run(batch, self._teacher_needs, rois)
+        return outputs_in(outputs, batch.tensors.dtype)  # the losses compare in the student's dtype
 
     def _renormalized(self, batch: ImageList, teacher: DetectorAdapter) -> ImageList:
         """The student's batch in the teacher's normalization (same pixels, same geometry)."""

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .connectors import FeatureConnector
 from .pairs import connector_key
+from .precision import teacher_autocast
 from .terms import Term
 
 SELF_DISTILLATION_MODES = ("ema", "snapshot")
@@ -143,7 +144,8 @@ class DistillerBase(nn.Module):
         was_training = model.training
         model.eval()  # keep BatchNorm statistics untouched
         device = next(model.parameters()).device
-        features = adapter.features_of(torch.zeros(1, 3, size, size, device=device))
+        with teacher_autocast(model, device):  # a bfloat16/float16 teacher probes in its precision
+            features = adapter.features_of(torch.zeros(1, 3, size, size, device=device))
         model.train(was_training)
         return {name: tuple(f.shape[1:]) for name, f in features.items()}
 

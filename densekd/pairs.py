@@ -162,13 +162,11 @@ def _sigmoid_logits(term: Term, ctx: StepContext) -> Tensor:
     if class_t is not None and term.on == "cls_logits":
         temperature = label_channel_layout(class_t, student.shape[-1], base_t).to(student.device)  # (K,)
     teacher = ctx.fused_teacher(term.on, temperature, sigmoid=True)
-    weights = torch.ones_like(student[..., :1] if term.on == "cls_logits" else student)
     if term.confidence_weighting:
-        if term.on == "rpn_objectness":
-            confidence = torch.sigmoid(teacher)
-        else:
-            confidence = ctx.dense_teacher_confidence
-        weights = weights * (confidence[..., None] if term.on == "cls_logits" else confidence)
+        confidence = torch.sigmoid(teacher) if term.on == "rpn_objectness" else ctx.dense_teacher_confidence
+        weights = confidence[..., None] if term.on == "cls_logits" else confidence  # (N, HWA, 1) or (N, HWA)
+    else:
+        weights = torch.ones_like(student[..., :1] if term.on == "cls_logits" else student)
     if term.class_weights is not None and term.on == "cls_logits":
         weights = weights * label_channel_layout(term.class_weights, student.shape[-1], 1.0).to(student.device)  # (N, HWA, 1) * (K,)
     elif term.class_weights is not None:  # centerness: weight of the teacher's top class

@@ -27,13 +27,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def find_submodule(model: nn.Module, name: str) -> nn.Module:
     """``model.get_submodule(name)`` with an error that lists close matches."""
-    modules = dict(unwrap_model(model).named_modules())
-    if name in modules:
-        return modules[name]
+    model = unwrap_model(model)
+    try:
+        return model.get_submodule(name)  # a walk down the dotted path, cheap enough for every step
+    except AttributeError:
+        pass
+    modules = dict(model.named_modules())
     suggestions = difflib.get_close_matches(name, [n for n in modules if n], n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(s) for s in suggestions)}?" if suggestions else ""
     raise ValueError(
-        f"{type(unwrap_model(model)).__name__} has no submodule named {name!r}.{hint} "
+        f"{type(model).__name__} has no submodule named {name!r}.{hint} "
         "Tap names are dotted submodule paths as listed by model.named_modules()."
     )
 

@@ -8,7 +8,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import generalized_box_iou_loss
 
 from ._reduce import _check_same_shape, _weighted_mean
 
@@ -119,7 +118,8 @@ def giou_kd(
 
     Rezatofighi, Tsoi, Gwak, Sadeghian, Reid & Savarese, 2019, "Generalized Intersection over
     Union: A Metric and A Loss for Bounding Box Regression" (CVPR), with the teacher's boxes as
-    targets; computed by ``torchvision.ops.generalized_box_iou_loss`` per box pair.
+    targets; computed as ``torchvision.ops.generalized_box_iou_loss`` per box pair (same values
+    and gradients, without its device sync; see ``_generalized_box_iou_loss``).
 
     Note: torchvision adds eps=1e-7 to the union, so identical boxes give about eps / area, not an
     exact 0.
@@ -130,8 +130,27 @@ def giou_kd(
         weights: shape ``boxes.shape[:-1]``, or None.
     """
     _check_boxes(student_boxes, teacher_boxes, "boxes")
-    per_box = generalized_box_iou_loss(student_boxes, teacher_boxes.detach(), reduction="none")  # (...,)
+    per_box = _generalized_box_iou_loss(student_boxes, teacher_boxes.detach())  # (...,)
     return _weighted_mean(per_box, weights)
+
+
+def _generalized_box_iou_loss(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """``torchvision.ops.generalized_box_iou_loss(boxes1, boxes2, reduction="none")``, (..., 4)
+    -> (...), without its boolean-mask indexing (a device sync and a gather/scatter per
+    coordinate on every call). The intersection is the product of the overlaps' sides clamped
+    at 0 by relu, which gives torchvision's values and gradients exactly: relu passes no
+    gradient at 0, as the strict mask ``side > 0`` does not.
+    """
+    boxes1 = boxes1 if boxes1.is_floating_point() else boxes1.float()
+    boxes2 = boxes2 if boxes2.is_floating_point() else boxes2.float()
+    x1, y1, x2, y2 = boxes1.unbind(dim=-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(dim=-1)
+    intersection = (torch.min(x2, x2g) - torch.max(x1, x1g)).relu() * (torch.min(y2, y2g) - torch.max(y1, y1g)).relu()
+    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - intersection
+    iou = intersection / (union + eps)
+    # smallest enclosing box
+    enclosing = (torch.max(x2, x2g) - torch.min(x1, x1g)) * (torch.max(y2, y2g) - torch.min(y1, y1g))
+    return 1 - (iou - ((enclosing - union) / (enclosing + eps)))
 
 
 # --------------------------------------------------------------------------- module shells

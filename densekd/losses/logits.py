@@ -18,9 +18,22 @@ Temperature = Union[float, torch.Tensor]
 # --------------------------------------------------------------------------- helpers
 
 
+def _is_one(temperature: Temperature) -> bool:
+    """A temperature given as the number 1: no scaling to do (checked without a device sync)."""
+    return isinstance(temperature, (int, float)) and temperature == 1
+
+
+def _temperature_tensor(temperature: Temperature, logits: torch.Tensor) -> torch.Tensor:
+    """The temperature in the logits' dtype. A number becomes a 0-d CPU tensor, which any
+    device's kernels take as a scalar operand: no host-to-device copy on every call."""
+    if isinstance(temperature, (int, float)):
+        return torch.tensor(float(temperature), dtype=logits.dtype)
+    return torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
+
+
 def _row_temperature(temperature: Temperature, logits: torch.Tensor) -> torch.Tensor:
     """float, () or (R,) or (R, 1) -> tensor broadcastable to logits (R, C)."""
-    t = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
+    t = _temperature_tensor(temperature, logits)
     if t.dim() == 1:
         t = t.unsqueeze(-1)  # (R,) -> (R, 1): one temperature per sample
     if t.dim() > 0 and (t.dim() != 2 or t.shape[1] != 1 or t.shape[0] not in (1, logits.shape[0])):
@@ -44,24 +57,37 @@ def _tempered_log_probs(
 
 
 def _kl_rows(log_p_s: torch.Tensor, log_p_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """T^2 * KL(p_t || p_s) summed over the last dim: (R, C) log-probs -> (R,)."""
-    kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True)  # (R, C)
-    return (kl * t**2).sum(dim=-1)
+    """T^2 * KL(p_t || p_s) summed over the last dim: (R, C) log-probs -> (R,); ``t`` is ()
+    or (R, 1).
+
+    ``F.kl_div(log_p_s, log_p_t, log_target=True)`` term by term, with ``p_t = exp(log_p_t)``
+    taken once as a constant (kl_div's backward would exponentiate again) and T^2 applied to
+    the row sums rather than to every element.
+    """
+    p_t = log_p_t.exp()
+    kl = p_t * (log_p_t - log_p_s)  # (R, C)
+    return kl.sum(dim=-1) * (t**2).squeeze(-1)  # (R,) * () or (R,)
 
 
 def _bernoulli_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: torch.Tensor
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: Optional[torch.Tensor]
 ) -> torch.Tensor:
     """Elementwise T^2 * KL(Bern(sigmoid(t/T)) || Bern(sigmoid(s/T))), same shape as the logits.
 
-    ``teacher_logits`` must already be detached.
+    ``teacher_logits`` must already be detached. ``t`` None means T = 1: the divisions and the
+    T^2 product, which would not change a value, are skipped.
     """
-    z_s, z_t = student_logits / t, teacher_logits / t
+    z_s, z_t = (student_logits, teacher_logits) if t is None else (student_logits / t, teacher_logits / t)
     p_t = torch.sigmoid(z_t)
     # Cross-entropy minus the target's own entropy: exactly zero when student == teacher.
     cross = F.binary_cross_entropy_with_logits(z_s, p_t, reduction="none")
     entropy = F.binary_cross_entropy_with_logits(z_t, p_t, reduction="none")
-    return (cross - entropy) * t**2
+    return cross - entropy if t is None else (cross - entropy) * t**2
+
+
+def _sigmoid_temperature(temperature: Temperature, logits: torch.Tensor) -> Optional[torch.Tensor]:
+    """None for T = 1 (see ``_bernoulli_kl``), else the temperature as a tensor."""
+    return None if _is_one(temperature) else _temperature_tensor(temperature, logits)
 
 
 def _require_two_classes(logits: torch.Tensor, loss_name: str) -> None:
@@ -244,7 +270,7 @@ def binary_kd(
         weights: broadcastable to the logits, e.g. (N, HWA, 1) position weights * (K,) class weights.
     """
     _check_same_shape(student_logits, teacher_logits, "logits")
-    t = torch.as_tensor(temperature, dtype=student_logits.dtype, device=student_logits.device)
+    t = _sigmoid_temperature(temperature, student_logits)
     return _weighted_mean(_bernoulli_kl(student_logits, teacher_logits.detach(), t), weights)
 
 
@@ -273,9 +299,10 @@ def focal_binary_kd(
         weights: broadcastable to the logits, or None.
     """
     _check_same_shape(student_logits, teacher_logits, "logits")
-    t = torch.as_tensor(temperature, dtype=student_logits.dtype, device=student_logits.device)
+    t = _sigmoid_temperature(temperature, student_logits)
     teacher_logits = teacher_logits.detach()
-    gap = torch.sigmoid(teacher_logits / t) - torch.sigmoid(student_logits.detach() / t)
+    scaled = (lambda z: z) if t is None else (lambda z: z / t)
+    gap = torch.sigmoid(scaled(teacher_logits)) - torch.sigmoid(scaled(student_logits.detach()))
     focal = gap.abs().pow(gamma)
     return _weighted_mean(focal * _bernoulli_kl(student_logits, teacher_logits, t), weights)
 
