@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -71,7 +72,7 @@ def _to_tensors(image: np.ndarray, mask: np.ndarray) -> Tuple[Tensor, Tensor]:
     return image_tensor, torch.from_numpy(np.ascontiguousarray(mask)).long()
 
 
-class _SegmentationStatistics:
+class _SegmentationStatistics(ABC):
     """Per-class statistics the long-tail tools read (samplers, class weights, frequency groups).
 
     Subclasses set ``num_classes`` and ``categories`` and implement ``_label_pixels(index)``:
@@ -83,8 +84,9 @@ class _SegmentationStatistics:
     categories: List[str]
     _stats: Optional[Tuple[List[List[int]], List[int], List[int]]] = None
 
+    @abstractmethod
     def _label_pixels(self, index: int) -> Dict[int, int]:
-        raise NotImplementedError
+        """``{label: pixel count}`` of the labels 0..K in sample ``index``."""
 
     def _statistics(self) -> Tuple[List[List[int]], List[int], List[int]]:
         if self._stats is None:
