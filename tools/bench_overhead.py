@@ -7,25 +7,29 @@
     python tools/bench_overhead.py --device cuda --teacher-dtype bfloat16
 
 For each detector family (FasterRCNN, RetinaNet, FCOS), with a ResNet-34 / 128-channel FPN
-teacher and a ResNet-18 / 64-channel FPN student (the demo's pair) on the same batch, it times
+teacher and a ResNet-18 / 64-channel FPN student (the demo's pair), and for a segmentation
+family (DeepLabV3 with an aux head on the same bodies, 128- and 64-channel ASPP), on the same
+batch, it times
 in one process, rows interleaved round-robin so that machine noise hits them alike, and prints
 the median after warm-up of:
 
   (a) student step: the plain student's forward with its torchvision losses, backward and
       SGD step;
   (b) teacher forward: the teacher's own full forward in eval mode under no_grad (transform,
-      backbone + FPN, heads, box decoding and NMS to detections), the usual price of a
-      teacher's opinion;
+      backbone + FPN, heads, box decoding and NMS to detections; a segmenter's backbone,
+      classifier and aux classifier to upsampled logits), the usual price of a teacher's opinion;
   (c) distill step: ``distiller(images, targets)`` with the family's full recipe
-      (configs/recipes/full_detection_kd.yaml adapted to the family, plus spatial attention),
-      backward through student and connectors, SGD step;
+      (configs/recipes/full_detection_kd.yaml adapted to the family, plus spatial attention;
+      for DeepLabV3 pixel KD and CWD on its logits, pixel KD on its aux logits, pairwise
+      affinity, CWD and attention on its features), backward through student and connectors,
+      SGD step;
 
 and the overhead ratio c / (a + b): 1.00 means densekd costs nothing beyond the two forwards.
-Also: (t) the teacher work the recipe needs, alone (backbone + FPN and the compared heads on
+Also: (t) the teacher work the recipe needs, alone (backbone (+ FPN) and the compared heads on
 the student's batch, without post-processing), (k) densekd's own work alone (the terms with
 their connectors, forward and backward) and c / (a + t); a feature-only distillation step, the
-teacher's backbone + FPN alone and how many times the teacher's heads run in that step (0: it
-stops after its FPN); the peak memory of (a), (b) and (c) (the method is printed);
+teacher's backbone + FPN (a segmenter's backbone) alone and how many times the teacher's heads
+run in that step (0: it stops after its FPN); the peak memory of (a), (b) and (c) (the method is printed);
 pycocotools against faster-coco-eval on the same detections.
 
 Timings on a shared machine are noisy: compare ratios from one run, not runs.
@@ -231,9 +235,11 @@ def text_report(report: dict[str, Any]) -> str:
         + (" (QUICK: tiny models, noisy)" if s["quick"] else ""),
         "",
         "(a) student step: plain student forward + losses, backward, SGD step",
-        "(b) teacher forward: the teacher's full eval forward under no_grad, to detections (NMS included)",
+        "(b) teacher forward: the teacher's full eval forward under no_grad, to detections (NMS included) "
+        "or a segmenter's upsampled logits",
         "(c) distill step: densekd with the family's full recipe, backward, SGD step",
-        "(t) teacher work: what the recipe needs of the teacher (backbone + FPN, compared heads), alone",
+        "(t) teacher work: what the recipe needs of the teacher (backbone + FPN, or a segmenter's backbone; "
+        "compared heads), alone",
         "(k) kd terms: densekd's own work, the recipe's terms (connectors included) forward + backward, alone",
         "",
     ]
@@ -265,7 +271,7 @@ def text_report(report: dict[str, Any]) -> str:
     if memory_rows:
         lines.append(f"method: {memory_rows['method']}")
     lines += ["", "feature-only distillation (" + ", ".join(next(iter(families.values()))["feature_terms"]) + "):"]
-    header = ["family", "step - (a) ms", "teacher backbone+FPN ms", "teacher forward ms", "teacher head runs"]
+    header = ["family", "step - (a) ms", "teacher backbone(+FPN) ms", "teacher forward ms", "teacher head runs"]
     rows = [
         [
             f["title"],
@@ -277,7 +283,10 @@ def text_report(report: dict[str, Any]) -> str:
         for f in families.values()
     ]
     lines.append(_table(header, rows))
-    lines.append("teacher head runs: calls of the teacher's submodules after its FPN in one feature-only step (0: it stops there)")
+    lines.append(
+        "teacher head runs: calls of the teacher's submodules after its FPN (a segmenter's backbone) in one "
+        "feature-only step (0: it stops there)"
+    )
     lines += ["", "terms of (c):"] + [f"  {f['title']}: {', '.join(f['terms'])}" for f in families.values()]
     evaluation = report.get("evaluation")
     if evaluation:
@@ -299,7 +308,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = settings_from(args)
     settings["seed"] = args.seed
     scale: Scale = settings["scale"]
-    describe = lambda spec: f"{spec.body} FPN {spec.fpn_channels}"
+    necks = "/".join(dict.fromkeys(FAMILIES[name].neck for name in args.families))  # FPN, ASPP or FPN/ASPP
+    describe = lambda spec: f"{spec.body} {necks} {spec.fpn_channels}"
     report: dict[str, Any] = {
         "machine": machine_info(settings, torch.get_num_threads()),
         "settings": {

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "bench_overhead.py"
-FAMILIES = {"faster_rcnn": "FasterRCNN", "retinanet": "RetinaNet", "fcos": "FCOS"}
+FAMILIES = {"faster_rcnn": "FasterRCNN", "retinanet": "RetinaNet", "fcos": "FCOS", "deeplabv3": "DeepLabV3"}
 ROWS = ("student_step", "teacher_forward", "distill_step", "distill_step_features", "teacher_backbone_fpn", "teacher_distill_work")
 
 
@@ -61,3 +64,32 @@ def test_bfloat16_teacher_is_refused_on_cpu(capsys):
         sys.path.remove(str(REPO / "tools"))
     assert bench_overhead.main(["--teacher-dtype", "bfloat16", "--device", "cpu"]) == 2
     assert "--teacher-dtype bfloat16 needs --device cuda" in capsys.readouterr().err
+
+
+def _bench_modules():
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        from bench import families, workload
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    return families, workload
+
+
+@pytest.mark.parametrize("family_name", ["fcos", "deeplabv3"])
+def test_rows_k_and_t_compute_what_the_distiller_computes(family_name):
+    """Rows (k) and (t) time the distiller's own terms and teacher work: evaluated on the
+    recorded outputs, the terms equal the distiller's kd entries for the same batch."""
+    families, workload = _bench_modules()
+    torch.set_num_threads(1)
+    w = workload.Workload(families.FAMILIES[family_name], families.QUICK_SCALE, torch.device("cpu"), torch.float32)
+    distiller, _ = w.full
+    torch.manual_seed(0)  # the same dropout draws (DeepLabV3's ASPP and aux head) in both student forwards
+    losses = distiller(w.images, w.targets)  # iteration 0, as the recorded context
+    torch.manual_seed(0)
+    student, teacher = w.recorded_step
+    context, term_loss = w.family.internals.term_losses(distiller, student, teacher)
+    assert len(distiller.terms) >= 4
+    for term in distiller.terms:
+        expected = losses[term.key].detach()
+        assert expected.abs() > 0, term.key
+        torch.testing.assert_close(float(term.weight_at(0)) * term_loss(term, context).detach(), expected, rtol=1e-4, atol=1e-6, msg=term.key)

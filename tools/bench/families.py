@@ -4,7 +4,8 @@ A family says how to build a teacher and a student of a given :class:`Scale`, wh
 full distillation recipe has (``configs/recipes/full_detection_kd.yaml`` adapted to what the
 family produces, plus spatial attention) and how to draw a training batch. Teacher and student
 of a family share anchors and feature strides, so every per-anchor term pairs; their FPN widths
-differ, so feature terms go through 1x1 connectors, as in a real teacher/student pair.
+differ, so feature terms go through 1x1 connectors, as in a real teacher/student pair. The
+segmentation family (DeepLabV3) lives in ``bench/segmentation.py``.
 """
 from __future__ import annotations
 
@@ -24,13 +25,16 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 from densekd import Term
 from densekd.models import fcos_fpn
 
+from . import segmentation
+from .internals import DetectionInternals, SegmentationInternals
+
 NUM_CLASSES = 12  # the embedded synthetic dataset's K: labels 1..12
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     body: str  # "resnet18" or "resnet34", built from scratch
-    fpn_channels: int
+    fpn_channels: int  # also the ASPP width of the segmentation family
     head_convs: int  # FCOS head depth (the demo's: teacher 4, student 2)
 
 
@@ -181,7 +185,7 @@ def detection_features(model: nn.Module, images: list[Tensor]) -> object:
 @dataclass(frozen=True)
 class Family:
     """One row group of the benchmark. The defaults fit torchvision detectors; a family whose
-    models are called differently (segmentation) passes its own functions."""
+    models are called differently (segmentation) passes its own functions and internals."""
 
     title: str  # as printed, e.g. the torchvision class
     build: Callable[[ModelSpec, Scale], nn.Module]
@@ -191,10 +195,24 @@ class Family:
     student_losses: Callable[..., dict[str, Tensor]] = detection_losses  # (model, images, targets)
     teacher_forward: Callable[..., object] = detection_forward  # (model, images), eval, no_grad
     teacher_features: Callable[..., object] = detection_features  # (model, images), eval, no_grad
+    internals: type = DetectionInternals  # student records, teacher work and terms alone (bench/internals.py)
+    neck: str = "FPN"  # what the widths of Scale's ModelSpecs size, as printed
 
 
 FAMILIES: dict[str, Family] = {
     "faster_rcnn": Family("FasterRCNN", build_faster_rcnn, rcnn_terms, rcnn_feature_terms),
     "retinanet": Family("RetinaNet", build_retinanet, partial(one_stage_terms, centerness=False), feature_terms),
     "fcos": Family("FCOS", build_fcos, partial(one_stage_terms, centerness=True), feature_terms),
+    "deeplabv3": Family(
+        "DeepLabV3",
+        segmentation.build_deeplabv3,
+        segmentation.full_terms,
+        segmentation.feature_terms,
+        batch=segmentation.segmentation_batch,
+        student_losses=segmentation.segmentation_student_losses,
+        teacher_forward=segmentation.segmentation_forward,
+        teacher_features=segmentation.segmentation_features,
+        internals=SegmentationInternals,
+        neck="ASPP",
+    ),
 }

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from functools import cached_property
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torchvision.models.detection.image_list import ImageList
 
-from densekd import DenseOutputs, Distiller, Tap, adapter_for
-from densekd.pairs import StepContext, teacher_needs, term_loss
+from densekd import Distiller
 from densekd.precision import outputs_in, teacher_autocast
 
 from .families import Family, Scale
@@ -33,8 +31,7 @@ class Workload:
         self.teacher = family.build(scale.teacher, scale).to(device=device, dtype=teacher_dtype).eval()
         self.student = family.build(scale.student, scale).to(device)
         images, targets = family.batch(scale, seed)
-        self.images = [image.to(device) for image in images]
-        self.targets = [{key: value.to(device) for key, value in target.items()} for target in targets]
+        self.images, self.targets = _to_device(images, device), _to_device(targets, device)
         self.student_optimizer = torch.optim.SGD(self.student.parameters(), lr=LEARNING_RATE, momentum=0.9)
         # Modes are set once, as a training loop does: the student trains, the teacher stays in
         # eval mode (the distillers keep it there).
@@ -53,28 +50,38 @@ class Workload:
         return self._distiller(self.family.feature_terms())
 
     @cached_property
-    def student_records(self) -> tuple[ImageList, DenseOutputs]:
-        """The student's resized batch, which the distiller hands to the teacher, and its
-        outputs (its proposals drive the teacher's RoI heads), recorded once."""
-        adapter = adapter_for(self.student)
-        with torch.no_grad(), Tap(self.student, outputs=adapter.tap_outputs(), inputs=adapter.tap_inputs()) as tap:
-            self.student(self.images, self.targets)
-            records = tap.read()
-        return records["transform"][0], adapter.collect(records)
+    def student_records(self) -> tuple[Any, Any]:
+        """The input the distiller hands to the teacher (a detector's resized ImageList, a
+        segmenter's own input tensor) and the student's outputs (a Faster R-CNN's proposals
+        drive the teacher's RoI heads), recorded once."""
+        return self.family.internals.record_student(self)
 
     @cached_property
-    def recorded_step(self) -> tuple[DenseOutputs, DenseOutputs]:
+    def teacher_needs(self) -> set[str]:
+        """The teacher outputs the full recipe's terms compare."""
+        return self.family.internals.teacher_needs(self.full[0].terms)
+
+    @cached_property
+    def recorded_step(self) -> tuple[Any, Any]:
         """One step's student outputs and the teacher's outputs on the same batch, recorded
         once: what the terms compare."""
-        batch, student = self.student_records
-        teacher_adapter = adapter_for(self.teacher)
+        teacher_input, student = self.student_records
         with torch.no_grad(), teacher_autocast(self.teacher, self.device):
-            teacher = teacher_adapter.run(batch, _full_recipe_needs(self), student)
-        return student, outputs_in(teacher, batch.tensors.dtype)
+            teacher = self.family.internals.run_teacher(self, teacher_input, student, self.teacher_needs)
+        return student, outputs_in(teacher, self.family.internals.input_dtype(teacher_input))
 
     def parameters_millions(self) -> dict[str, float]:
         count = lambda model: sum(p.numel() for p in model.parameters()) / 1e6
         return {"teacher": count(self.teacher), "student": count(self.student)}
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """A batch's tensors (in lists and dicts: detection; bare: segmentation) on ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    return [_to_device(item, device) for item in batch]
 
 
 def _optimizer_step(losses: dict[str, Tensor], optimizer: torch.optim.Optimizer) -> None:
@@ -89,8 +96,9 @@ def student_step(w: Workload) -> None:
 
 
 def teacher_forward(w: Workload) -> None:
-    """(b) the teacher's own full forward in eval mode under no_grad: transform, backbone + FPN,
-    heads and post-processing (box decoding, NMS) to detections."""
+    """(b) the teacher's own full forward in eval mode under no_grad: a detector's transform,
+    backbone + FPN, heads and post-processing (box decoding, NMS) to detections; a segmenter's
+    backbone, classifier and aux classifier to upsampled logits."""
     with torch.no_grad(), teacher_autocast(w.teacher, w.device):
         w.family.teacher_forward(w.teacher, w.images)
 
@@ -109,16 +117,13 @@ def distill_step_features(w: Workload) -> None:
 
 
 def teacher_backbone_fpn(w: Workload) -> None:
-    """The teacher's transform and backbone + FPN under no_grad: its cost for feature terms."""
+    """The teacher's transform and backbone + FPN (a segmenter's backbone) under no_grad: its
+    cost for feature terms."""
     with torch.no_grad(), teacher_autocast(w.teacher, w.device):
         w.family.teacher_features(w.teacher, w.images)
 
 
-def _full_recipe_needs(w: Workload) -> set[str]:
-    return set().union(*(teacher_needs(term) for term in w.full[0].terms))
-
-
-def _as_leaves(outputs: DenseOutputs) -> DenseOutputs:
+def _as_leaves(outputs: Any) -> Any:
     """The student's floating-point outputs as fresh leaves that take gradients."""
     leaf = lambda t: t.detach().requires_grad_(True) if isinstance(t, Tensor) and t.is_floating_point() else t
     fields = {f.name: getattr(outputs, f.name) for f in dataclasses.fields(outputs)}
@@ -131,21 +136,18 @@ def kd_terms(w: Workload) -> None:
     backward, on one step's recorded student and teacher outputs."""
     distiller = w.full[0]
     student, teacher = w.recorded_step
-    context = StepContext(
-        _as_leaves(student), [teacher], distiller.teacher_weights, distiller.student_adapter,
-        distiller.connectors, distiller.level_pairs, iteration=0,
-    )  # fmt: skip
+    context, term_loss = w.family.internals.term_losses(distiller, _as_leaves(student), teacher)
     sum(float(term.weight_at(0)) * term_loss(term, context) for term in distiller.terms).backward()
 
 
 def teacher_distill_work(w: Workload) -> None:
-    """What the full recipe asks of the teacher, alone, as the distiller runs it: backbone + FPN
+    """What the full recipe asks of the teacher, alone, as the distiller runs it: backbone (+ FPN)
     and the head outputs the terms compare (RoI heads on the student's proposals) on the
-    student's resized batch, under no_grad. (Teacher and student share mean and std here, so
-    the distiller hands the batch over as it is.)"""
-    batch, student = w.student_records
+    student's input, under no_grad. (Detectors: teacher and student share mean and std here,
+    so the distiller hands the resized batch over as it is.)"""
+    teacher_input, student = w.student_records
     with torch.no_grad(), teacher_autocast(w.teacher, w.device):
-        adapter_for(w.teacher).run(batch, _full_recipe_needs(w), student)
+        w.family.internals.run_teacher(w, teacher_input, student, w.teacher_needs)
 
 
 ROWS: dict[str, Callable[[Workload], None]] = {
