@@ -546,44 +546,64 @@ def _markdown(rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def format_gap_closed(gain: PairedGain, gap: Optional[float]) -> str:
+    """ΔAP as a share of the teacher-student AP gap, e.g. "+54 %"; "-" without a gap to close."""
+    if gap is None or gap <= 0 or gain.n == 0:
+        return "-"
+    return f"{100 * gain.mean / gap:+.0f} %"
+
+
+def best_recipe(entries: dict[str, dict]) -> Optional[str]:
+    """The recipe of the largest mean ΔAP (None when none was measured)."""
+    measured = {recipe: e["gains"]["AP"].mean for recipe, e in entries.items() if recipe != BASELINE and e["gains"]["AP"].n}
+    return max(measured, key=measured.get) if measured else None
+
+
 def markdown_table(summary: dict[str, dict[str, dict]], bench: Bench, teacher: Optional[dict[str, Any]]) -> str:
     """One markdown table per schedule: mean ± std over seeds (percent), training seconds, the
     paired gains over the baseline with their marker, and the verdict; then the legend."""
     lines: list[str] = []
-    header = ["recipe", *METRICS, "train s", *(f"Δ{m}" for m in TABLE_GAINS), "verdict"]
+    header = ["recipe", *METRICS, "train s", *(f"Δ{m}" for m in TABLE_GAINS), "gap closed", "verdict"]
+    teacher_ap = (teacher or {}).get("metrics", {}).get("AP")
     for schedule, entries in summary.items():
+        base = entries[BASELINE]["metrics"]["AP"]
+        gap = teacher_ap - base.mean if teacher_ap is not None and base.n else None
         lines.append(f"### {schedule} schedule: students trained {bench.iterations[schedule]} iterations, "
                      f"batch {bench.batch_size}, seeds {' '.join(map(str, bench.seeds))}")  # fmt: skip
         rows = [header]
         if teacher is not None:
             one = [format_mean_std(seed_summary([teacher["metrics"][m]])) for m in METRICS]
-            rows.append([f"teacher (seed {teacher['seed']}, shared)", *one, "-", *["-"] * len(TABLE_GAINS), "reference"])
+            rows.append([f"teacher (seed {teacher['seed']}, shared)", *one, "-", *["-"] * len(TABLE_GAINS), "100 %", "reference"])
         for recipe, entry in entries.items():
             errors = entry["errors"]
             cells = [format_mean_std(entry["metrics"][m]) for m in METRICS] + [format_mean_std(entry["train_seconds"], scale=1.0, digits=0)]
             if recipe == BASELINE:
                 note = "reference"
-                gains = ["-"] * len(TABLE_GAINS)
+                gains = ["-"] * len(TABLE_GAINS) + ["0 %" if gap else "-"]
             else:
                 note = entry["verdict"]
-                gains = [format_gain(entry["gains"][m]) for m in TABLE_GAINS]
+                gains = [format_gain(entry["gains"][m]) for m in TABLE_GAINS] + [format_gap_closed(entry["gains"]["AP"], gap)]
             if errors and not entry["seeds"]:
                 note = f"error: {next(iter(errors.values()))}"
             elif errors:
                 note += "; " + "; ".join(f"seed {seed} failed: {message}" for seed, message in errors.items())
             rows.append([recipe, *cells, *gains, _cell(note)])
         lines += _markdown(rows)
-        base, top = entries[BASELINE]["metrics"]["AP"], (teacher or {}).get("metrics", {}).get("AP")
-        if base.n and top:
-            lines.append(f"\nbaseline AP {100 * base.mean:.1f} = {100 * base.mean / top:.0f} % of the teacher's {100 * top:.1f}.")
+        if gap is not None:
+            lines.append(f"\nbaseline AP {100 * base.mean:.1f} = {100 * base.mean / teacher_ap:.0f} % of the teacher's {100 * teacher_ap:.1f}.")
+            best = best_recipe(entries)
+            if best is not None:
+                gain = entries[best]["gains"]["AP"]
+                lines.append(f"Best recipe: {best}, ΔAP {format_gain(gain)}, closing {format_gap_closed(gain, gap)} of the teacher-student gap.")
         lines.append("")
     lines.append(
         "AP in percent (COCO AP@[.50:.95], LVIS-style APr/APc/APf on the val split); mean ± sample std over seeds; "
         "train s: training wall-clock seconds (noisy on a shared machine). ΔX: mean over seeds of the paired "
         "difference recipe - baseline (same seed: same initial weights and batches) ± the sample std of those "
         f"differences; * marks a gain whose size exceeds {SIGNIFICANCE_FACTOR:g} x that std (decided on unrounded "
-        "values), (n.s.) one that does not. Verdict from ΔAP: helps / hurts (significant) or no significant AP gain; "
-        "significant APr/APf gains that differ from it are named."
+        "values), (n.s.) one that does not. gap closed: ΔAP / (teacher AP - baseline AP), the share of the "
+        "teacher-student gap the recipe recovers. Verdict from ΔAP: helps / hurts (significant) or no significant "
+        "AP gain; significant APr/APf gains that differ from it are named."
     )
     return "\n".join(lines)
 

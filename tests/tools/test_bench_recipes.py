@@ -142,6 +142,8 @@ def test_summary_table_marks_gains_errors_and_recipes_that_do_not_help(bench_too
     assert rows["vanilla_kd"][6] == "+3.0 ± 0.1 *" and rows["vanilla_kd"][-1] == "helps"
     assert rows["long_tail"][6].endswith("(n.s.)") and rows["long_tail"][-1] == "no significant AP gain"
     assert rows["curriculum"][-1] == "error: ValueError: no \\| way"  # the message, escaped for markdown
+    assert rows["vanilla_kd"][9] == "+20 %" and rows["baseline"][9] == "0 %"  # 3.0 of the 40.0 - 25.0 gap
+    assert "Best recipe: vanilla_kd, ΔAP +3.0 ± 0.1 *, closing +20 % of the teacher-student gap." in table
     document = json.loads(json.dumps(tool.jsonable(tool.summary_document(summary))))
     assert document["long"]["vanilla_kd"]["gains"]["APr"]["significant"] is True
     assert document["long"]["curriculum"]["gains"]["AP"]["n"] == 0
