@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._names import unknown_name_message
+from .checkpoint_files import CheckpointLoadError, load_tensors_only
 from .config import OptimSection
 from .data.coco import collate_detection
 from .evaluation import evaluate_coco, evaluate_lvis_style, to_coco_results
@@ -591,7 +592,12 @@ def _check_resumable(path: Path, state: dict[str, Any], settings: dict[str, Any]
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = load_tensors_only(path)
+    except CheckpointLoadError as error:
+        raise CheckpointLoadError(
+            f"Cannot resume: {error} To train from the start instead, delete {path} or pick another output directory."
+        ) from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a run_training checkpoint (format {CHECKPOINT_FORMAT}); delete it or pick another output directory.")
     return state

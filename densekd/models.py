@@ -10,8 +10,6 @@ share the anchor generator and the feature strides (8, 16, 32, 64, 128 on levels
 from __future__ import annotations
 
 import difflib
-import pickle
-import re
 from pathlib import Path
 from typing import Callable, Union
 
@@ -25,6 +23,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from .checkpoint_files import CheckpointLoadError, load_tensors_only
 from .config import model_definitions
 
 __all__ = ["ARCHITECTURES", "CheckpointLoadError", "build_detector", "build_pretrained", "fcos_fpn", "load_weights"]
@@ -128,30 +127,6 @@ def build_pretrained(name: str, weights: str) -> nn.Module:
         ) from error
 
 
-class CheckpointLoadError(ValueError):
-    """A checkpoint file that cannot be loaded into the model; the message says why and what to do."""
-
-
-def _load_tensors_only(path: Path):
-    """``torch.load(weights_only=True)``, with its refusals and read errors said plainly."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        what = f" ({found.group(1)})" if found else ""
-        raise CheckpointLoadError(
-            f"{path} contains a pickled Python object{what}, not only tensors and plain containers. densekd loads "
-            "checkpoints with torch.load(weights_only=True), so that opening a file cannot run code. Save the "
-            "weights alone (torch.save(model.state_dict(), path)); if you trust the file, extract its state_dict "
-            "once with torch.load(path, weights_only=False) and save that."
-        ) from error
-    except (RuntimeError, EOFError, KeyError) as error:  # not a zip archive, cut short, corrupted
-        raise CheckpointLoadError(
-            f"{path} cannot be read as a PyTorch checkpoint ({str(error).splitlines()[0]}): the file is truncated, "
-            "corrupted or not a checkpoint. Use a complete copy (densekd's own checkpoints are written atomically)."
-        ) from error
-
-
 def load_weights(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     """Load a state_dict, or a densekd training checkpoint (``{"model": state_dict, ...}``, also
     of a :class:`~densekd.SegmentationTraining`, whose model's keys start with ``model.``), with
@@ -161,7 +136,7 @@ def load_weights(model: nn.Module, path: Union[str, Path]) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
-    state = _load_tensors_only(path)
+    state = load_tensors_only(path)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     expected = model.state_dict()

@@ -5,7 +5,9 @@
 
 The model is built from the experiment config (its student by default), the weights are
 loaded with ``weights_only=True`` (a state_dict or a densekd training checkpoint), and the
-table has the columns of ``tools/train_det.py``'s.
+table has the columns of ``tools/train_det.py``'s. A checkpoint whose
+``<ckpt>.categories.json`` (written by train_det) lists the dataset's categories in another
+order, or other categories, is refused: its class channels would be scored as the wrong classes.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from densekd.categories import categories_path, check_categories
 from densekd.config import ConfigError, load_experiment_config
 from densekd.data import CocoDetectionDataset, collate_detection
 from densekd.engine import evaluate
@@ -53,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
         val_ann, val_images = files.val_ann, files.val_images
     dataset = CocoDetectionDataset(val_images, val_ann, skip_bad=args.skip_bad or config.data.skip_bad)
     section = config.student if args.model == "student" else config.teacher
+    if not check_categories(args.ckpt, dataset.categories):  # raises CategoryOrderError on another order
+        print(f"note: {args.ckpt} has no {categories_path(args.ckpt).name}; the order of its classes cannot be "
+              "checked against this dataset's", flush=True)  # fmt: skip
     model = load_weights(build_detector(section.name, dataset.num_classes, section.image_size), args.ckpt)
     loader = torch.utils.data.DataLoader(dataset, batch_size=16, collate_fn=collate_detection)
     metrics, results, images_per_second = evaluate(model, loader, dataset)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import densekd.output_checks as output_checks
+from densekd.checkpoint_files import CheckpointLoadError
 from densekd.engine import CheckpointWriteError, OutputFolderError, run_training, save_checkpoint
 from densekd.output_checks import bytes_needed, check_output_folder, checkpoint_bytes
 from engine_job import tiny_job
@@ -128,3 +129,15 @@ def test_save_checkpoint_names_a_folder_it_cannot_create(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(CheckpointWriteError, match=rf"Could not write the checkpoint {tmp_path / 'a_file' / 'x.pth'}: "):
         save_checkpoint(tmp_path / "a_file" / "x.pth", {"w": torch.ones(1)})
+
+
+def test_a_corrupt_checkpoint_refuses_to_resume_and_names_the_file_and_the_fix(tmp_path):
+    job = regressor_job(tmp_path, iterations=2)
+    run_training(job)
+    path = tmp_path / "run.ckpt"
+    path.write_bytes(path.read_bytes()[:2000])  # cut short, e.g. copied from a disk that filled up
+    with pytest.raises(CheckpointLoadError) as refused:
+        run_training(regressor_job(tmp_path, iterations=4), resume=True)
+    message = str(refused.value)
+    assert message.startswith(f"Cannot resume: {path} cannot be read as a PyTorch checkpoint")
+    assert f"delete {path} or pick another output directory" in message

@@ -61,6 +61,24 @@ def test_teacher_checkpoint_with_categories_in_another_order_is_refused(tmp_path
     assert f"{teacher} was trained on other categories" in capsys.readouterr().err
 
 
+def test_eval_det_refuses_a_checkpoint_whose_categories_come_in_another_order(tmp_path, paths, capsys):
+    spec = importlib.util.spec_from_file_location("eval_det", REPO / "tools" / "eval_det.py")
+    eval_det = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_det)
+    names = [c["name"] for c in sorted(json.loads(Path(paths.val_ann).read_text())["categories"], key=lambda c: c["id"])]
+    checkpoint = tmp_path / "student.pth"
+    torch.save({}, checkpoint)  # never loaded: the order is checked first
+    write_categories(checkpoint, names[1:] + names[:1])
+    threads = torch.get_num_threads()
+    try:
+        code = eval_det.main(["--threads", "1", "--ckpt", str(checkpoint), "--val-ann", str(paths.val_ann),
+                              "--val-images", str(paths.val_images)])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 2
+    assert f"eval_det: {checkpoint} was trained with the same categories in another order" in capsys.readouterr().err
+
+
 def test_missing_teacher_checkpoint_is_refused_before_training(tmp_path, run, capsys):
     assert run("--teacher-ckpt", str(tmp_path / "nope.pth"), "--output", str(tmp_path / "out")) == 2
     assert f"teacher.checkpoint {tmp_path / 'nope.pth'} does not exist" in capsys.readouterr().err
