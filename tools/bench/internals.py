@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from densekd import Tap, adapter_for
-from densekd.pairs import StepContext, teacher_needs, term_loss
+from densekd.pairs import StepContext, term_loss
 from densekd.segmentation_pairs import SegmentationStepContext, segmentation_term_loss
 from densekd.segmentation_training import check_masks
 
@@ -33,10 +33,6 @@ class DetectionInternals:
             w.student(w.images, w.targets)
             records = tap.read()
         return records["transform"][0], adapter.collect(records)
-
-    @staticmethod
-    def teacher_needs(terms) -> set[str]:
-        return set().union(*(teacher_needs(term) for term in terms))
 
     @staticmethod
     def run_teacher(w: "Workload", batch, student, needs: set[str]):
@@ -67,10 +63,6 @@ class SegmentationInternals:
             records = tap.read()
         masks = check_masks(w.targets, result["out"], IGNORE_INDEX)
         return w.images, adapter.collect(records, result, masks)
-
-    @staticmethod
-    def teacher_needs(terms) -> set[str]:
-        return {term.on for term in terms}  # as SegmentationDistiller: the backbone always, heads on demand
 
     @staticmethod
     def run_teacher(w: "Workload", images: Tensor, student, needs: set[str]):

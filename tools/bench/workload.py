@@ -56,10 +56,10 @@ class Workload:
         drive the teacher's RoI heads), recorded once."""
         return self.family.internals.record_student(self)
 
-    @cached_property
+    @property
     def teacher_needs(self) -> set[str]:
-        """The teacher outputs the full recipe's terms compare."""
-        return self.family.internals.teacher_needs(self.full[0].terms)
+        """The teacher outputs the full recipe's terms compare, as the distiller itself decided."""
+        return self.full[0]._teacher_needs
 
     @cached_property
     def recorded_step(self) -> tuple[Any, Any]:
