@@ -23,7 +23,7 @@ import warnings
 from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -274,7 +274,9 @@ class _Progress:
             self.writer.close()
 
 
-def evaluate(model: nn.Module, data_loader, dataset) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
+def evaluate(
+    model: nn.Module, data_loader, dataset, category_frequency: Optional[Mapping[int, str]] = None
+) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
     """Detect on every image of ``data_loader`` and score with COCO and LVIS-style metrics.
 
     Args:
@@ -282,6 +284,9 @@ def evaluate(model: nn.Module, data_loader, dataset) -> tuple[dict[str, Any], li
             with labels 1..K) in eval mode.
         data_loader: yields ``(images, targets)``; each target carries ``image_id``.
         dataset: a :class:`~densekd.data.CocoDetectionDataset` (``coco``, ``label_to_category_id``).
+        category_frequency: category id -> LVIS group for APr / APc / APf, normally the training
+            split's ``lvis_frequencies()``. Default: the file's ``frequency``; when the file has
+            none either (plain COCO), APr / APc / APf are nan.
 
     Returns:
         ``(metrics, results, images_per_second)``: ``metrics`` holds AP, AP50, AP75, APs, APm,
@@ -310,9 +315,12 @@ def evaluate(model: nn.Module, data_loader, dataset) -> tuple[dict[str, Any], li
             results += to_coco_results(kept, [t["image_id"] for t in targets], dataset.label_to_category_id)
     model.train(was_training)
     coco = evaluate_coco(dataset.coco, results)
-    lvis = evaluate_lvis_style(dataset.coco.dataset, results)
     metrics: dict[str, Any] = {name: coco[name] for name in COCO_COLUMNS}
-    metrics.update({name: lvis[name] for name in LVIS_COLUMNS})
+    if category_frequency is None and dataset.frequency_groups is None:
+        metrics.update({name: math.nan for name in LVIS_COLUMNS})  # no groups to split by
+    else:
+        lvis = evaluate_lvis_style(dataset.coco.dataset, results, category_frequency=category_frequency)
+        metrics.update({name: lvis[name] for name in LVIS_COLUMNS})
     metrics["dropped_detections"] = dropped
     metrics["per_class_ap"] = coco["per_class_ap"]  # category id -> AP (COCO .50:.95)
     return metrics, results, images_seen / max(model_seconds, 1e-9)

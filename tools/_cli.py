@@ -107,8 +107,20 @@ def report_header(overrides: list[str], config, world_size: int) -> dict:
     }
 
 
+def frequency_summary(frequencies: dict[int, str], dataset) -> str:
+    """``r: a, b; c: ...; f: ...``: category names per LVIS group (category id -> group)."""
+    names = {dataset.label_to_category_id[label]: name for label, name in enumerate(dataset.categories, start=1)}
+    groups = {g: [names[cid] for cid, group in frequencies.items() if group == g and cid in names] for g in "rcf"}
+    return "; ".join(f"{g}: {', '.join(members) if members else '-'}" for g, members in groups.items())
+
+
+def format_gain(value: float) -> str:
+    """A gain in percent points, ``-`` when undefined (e.g. APr with no rare category)."""
+    return "-" if not math.isfinite(value) else f"{100 * value:+.1f}"
+
+
 def print_gain_and_timings(gain: dict[str, float], timings: dict[str, float]) -> None:
-    print("\ndistilled vs baseline: " + ", ".join(f"{m} {100 * g:+.1f}" for m, g in gain.items()))
+    print("\ndistilled vs baseline: " + ", ".join(f"{m} {format_gain(g)}" for m, g in gain.items()))
     print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
 
 

@@ -378,6 +378,8 @@ class Workbench:
         self.bench, self.files, self.teacher_config = bench, files, teachers
         self.val_set = CocoDetectionDataset(files.val_images, files.val_ann)
         self.num_classes = self.val_set.num_classes
+        # APr/APc/APf groups: the file's, else from the training split's image counts (plain COCO)
+        self.frequencies = CocoDetectionDataset(files.train_images, files.train_ann).lvis_frequencies()
         self._teachers: dict[str, tuple[list[torch.nn.Module], list[dict[str, Any]]]] = {}
         self._errors_seen: set[str] = set()
         self.teacher_seconds = 0.0  # spent training or loading teachers: left out of the ETA
@@ -395,7 +397,7 @@ class Workbench:
     def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
         loader = torch.utils.data.DataLoader(self.val_set, batch_size=16, collate_fn=collate_detection)
         started = time.perf_counter()
-        metrics, _, images_per_second = evaluate(model, loader, self.val_set)
+        metrics, _, images_per_second = evaluate(model, loader, self.val_set, self.frequencies)
         return {
             "metrics": {name: metrics[name] for name in STORED_METRICS},
             "per_class_ap": metrics["per_class_ap"],

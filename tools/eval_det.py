@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", choices=("student", "teacher"), default="student", help="which model of the config")
     parser.add_argument("--val-ann", help="COCO/LVIS-format annotations (default: the config's validation split)")
     parser.add_argument("--val-images", help="folder of the validation images")
+    parser.add_argument("--train-ann", help="training annotations whose image counts give the LVIS rare/common/frequent "
+                        "groups when --val-ann has no 'frequency' (default: the config's training split)")
+    parser.add_argument("--train-images", help="folder of the training images (with --train-ann)")
     parser.add_argument("--skip-bad", action="store_true", help="drop bad images/annotations (reported) instead of stopping")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     parser.add_argument("--output", help="write metrics.json and detections.json here")
@@ -49,19 +52,35 @@ def run(args: argparse.Namespace) -> int:
     config = load_experiment_config(args.config, args.set)
     if bool(args.val_ann) != bool(args.val_images):
         raise ConfigError("give both --val-ann and --val-images, or neither.")
+    if bool(args.train_ann) != bool(args.train_images):
+        raise ConfigError("give both --train-ann and --train-images, or neither.")
+    skip_bad = args.skip_bad or config.data.skip_bad
     if args.val_ann:
         val_ann, val_images = Path(args.val_ann), Path(args.val_images)
     else:
         files = data_files(config)
         val_ann, val_images = files.val_ann, files.val_images
-    dataset = CocoDetectionDataset(val_images, val_ann, skip_bad=args.skip_bad or config.data.skip_bad)
+    dataset = CocoDetectionDataset(val_images, val_ann, skip_bad=skip_bad)
+    frequencies = None  # the file's own 'frequency', if any
+    if dataset.frequency_groups is None:
+        if args.train_ann:
+            train = CocoDetectionDataset(Path(args.train_images), Path(args.train_ann), skip_bad=skip_bad)
+        elif not args.val_ann:
+            train = CocoDetectionDataset(files.train_images, files.train_ann, skip_bad=skip_bad)
+        else:
+            train = None
+            print(f"note: {val_ann.name} has no LVIS 'frequency': APr/APc/APf need the training split's image "
+                  "counts (--train-ann, --train-images)", flush=True)  # fmt: skip
+        if train is not None:
+            frequencies = train.lvis_frequencies()
+            print(f"note: rare/common/frequent groups from {train.frequency_source}", flush=True)
     section = config.student if args.model == "student" else config.teacher
     if not check_categories(args.ckpt, dataset.categories):  # raises CategoryOrderError on another order
         print(f"note: {args.ckpt} has no {categories_path(args.ckpt).name}; the order of its classes cannot be "
               "checked against this dataset's", flush=True)  # fmt: skip
     model = load_weights(build_detector(section.name, dataset.num_classes, section.image_size), args.ckpt)
     loader = torch.utils.data.DataLoader(dataset, batch_size=16, collate_fn=collate_detection)
-    metrics, results, images_per_second = evaluate(model, loader, dataset)
+    metrics, results, images_per_second = evaluate(model, loader, dataset, frequencies)
     metrics["params_millions"] = sum(p.numel() for p in model.parameters()) / 1e6
     metrics["images_per_second"] = images_per_second
     print(f"{val_ann} ({len(dataset)} images), AP in percent\n")

@@ -52,6 +52,7 @@ from _cli import (  # noqa: E402
     add_data_arguments,
     add_run_arguments,
     data_overrides,
+    frequency_summary,
     jsonable,
     print_gain_and_timings,
     print_teacher_sources,
@@ -143,7 +144,12 @@ def run(args: argparse.Namespace) -> int:
     t = time.perf_counter()
     files = data_files(config)
     val_set = CocoDetectionDataset(files.val_images, files.val_ann, skip_bad=config.data.skip_bad)
+    train_counts = CocoDetectionDataset(files.train_images, files.train_ann, skip_bad=config.data.skip_bad)
     num_classes = val_set.num_classes
+    frequencies = train_counts.lvis_frequencies()  # APr/APc/APf groups, checked before anything trains
+    if main and val_set.frequency_groups is None:
+        print(f"note: {files.val_ann.name} has no LVIS 'frequency'; rare/common/frequent groups from "
+              f"{train_counts.frequency_source}: {frequency_summary(frequencies, val_set)}", flush=True)  # fmt: skip
     timings["data"] = time.perf_counter() - t
     check_model_checkpoints(config, val_set, main)
     if main:
@@ -180,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     rows: dict[str, dict] = {}
     for name, model in zip(MODELS, (teachers[0], students["baseline"], students["distilled"])):
         t = time.perf_counter()
-        metrics, results, images_per_second = evaluate(model, loader, val_set)
+        metrics, results, images_per_second = evaluate(model, loader, val_set, frequencies)
         metrics["params_millions"] = sum(p.numel() for p in model.parameters()) / 1e6
         metrics["images_per_second"] = images_per_second
         rows[name] = metrics
@@ -189,7 +195,6 @@ def run(args: argparse.Namespace) -> int:
     timings["total"] = time.perf_counter() - started
 
     per_class = {name: rows[name].pop("per_class_ap") for name in MODELS}
-    train_counts = CocoDetectionDataset(files.train_images, files.train_ann, skip_bad=config.data.skip_bad)
     plot_per_class_ap(
         per_class,
         {val_set.label_to_category_id[label]: name for label, name in enumerate(val_set.categories, start=1)},

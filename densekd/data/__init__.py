@@ -39,11 +39,18 @@ from densekd.data.synthetic import (
     default_synthetic_root,
     ensure_synthetic_dataset,
     generate_synthetic_dataset,
-    lvis_frequency,
     plan_split,
     render_image,
     train_image_targets,
     val_image_targets,
+)
+from densekd.data.long_tail import (
+    FREQUENCY_THRESHOLDS,
+    LVIS_FREQUENCIES,
+    class_counts_from_labels,
+    lvis_frequency,
+    lvis_frequency_of_counts,
+    repeat_factors,
 )
 from densekd.data.transforms import DetectionTransform, build_detection_transforms
 from densekd.data.validation import BadDatasetError, DatasetFileNotFoundError, DatasetReport, validate_coco_file
@@ -84,7 +91,12 @@ __all__ = [
     "default_synthetic_root",
     "ensure_synthetic_dataset",
     "generate_synthetic_dataset",
+    "FREQUENCY_THRESHOLDS",
+    "LVIS_FREQUENCIES",
     "lvis_frequency",
+    "lvis_frequency_of_counts",
+    "class_counts_from_labels",
+    "repeat_factors",
     "plan_split",
     "render_image",
     "train_image_targets",

@@ -34,6 +34,7 @@ from pycocotools.coco import COCO
 from torch import Tensor
 
 from densekd.data.images import decode_rgb
+from densekd.data.long_tail import lvis_frequency_of_counts
 from densekd.data.validation import BadDatasetError, DatasetFileNotFoundError, DatasetReport, validate_coco_file
 
 __all__ = ["CocoDetectionDataset", "collate_detection"]
@@ -157,6 +158,21 @@ class CocoDetectionDataset(torch.utils.data.Dataset):
                 self.annotation_counts[label - 1] += 1
             for label in set(labels):
                 self.image_counts[label - 1] += 1
+
+    def lvis_frequencies(self) -> Dict[int, str]:
+        """Category id -> LVIS group ``'r'`` / ``'c'`` / ``'f'``, for evaluating APr / APc / APf.
+
+        The file's ``frequency`` when every category carries one (LVIS files), else derived from
+        this split's image counts (:func:`~densekd.data.long_tail.lvis_frequency`): call it on
+        the *training* split, as LVIS defines the groups; :attr:`frequency_source` says which.
+        """
+        groups = self.frequency_groups or lvis_frequency_of_counts(self.image_counts)
+        return {self.label_to_category_id[label]: group for label, group in enumerate(groups, start=1)}
+
+    @property
+    def frequency_source(self) -> str:
+        """Where :meth:`lvis_frequencies` comes from: the file, or this split's image counts."""
+        return "the annotation file" if self.frequency_groups else f"the image counts of {self.annotation_file.name}"
 
     # ------------------------------------------------------------------ annotations
     def _training_annotations(self, image_id: int) -> List[dict]:

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from densekd._names import unknown_name_message
 from densekd.data._checks import checked_epoch, checked_seed
-from densekd.weighting import repeat_factors
+from densekd.data.long_tail import repeat_factors
 
 __all__ = ["RandomSampler", "RepeatFactorSampler", "ClassAwareSampler", "SAMPLERS", "build_sampler"]
 
@@ -125,7 +125,7 @@ class RepeatFactorSampler(_EpochSampler):
     times (so ``r_i`` times on average), in a shuffled order.
 
     Args:
-        repeat_factors: ``(num_images,)`` factors >= 0, e.g. from :func:`densekd.weighting.repeat_factors`.
+        repeat_factors: ``(num_images,)`` factors >= 0, e.g. from :func:`densekd.data.long_tail.repeat_factors`.
         seed, shuffle, num_replicas, rank: see the module docstring.
 
     ``len(sampler)`` is the EXPECTED per-rank epoch size ``ceil(sum(r) / num_replicas)``
@@ -146,7 +146,7 @@ class RepeatFactorSampler(_EpochSampler):
         if factors.dim() != 1 or factors.numel() == 0:
             raise ValueError(f"repeat_factors must be a non-empty 1-D (num_images,) tensor, got shape {tuple(factors.shape)}")
         if not (torch.isfinite(factors).all() and (factors >= 0).all()):
-            raise ValueError("repeat_factors must be finite and >= 0 (use densekd.weighting.repeat_factors)")
+            raise ValueError("repeat_factors must be finite and >= 0 (use densekd.data.long_tail.repeat_factors)")
         self.repeat_factors = factors.numpy()  # (num_images,) float64
         self.shuffle = shuffle
         self._floor = np.floor(self.repeat_factors).astype(np.int64)

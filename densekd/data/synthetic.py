@@ -58,6 +58,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from .long_tail import lvis_frequency
+
 __all__ = [
     "SHAPE_RASTERIZERS",
     "SyntheticConfig",
@@ -85,10 +87,6 @@ SPLITS = ("train", "val")
 _SPLIT_STREAM = {"train": 0, "val": 1}
 _PLAN_STREAM = 0
 _RENDER_STREAM = 1
-
-LVIS_RARE_MAX_IMAGES = 10
-LVIS_COMMON_MAX_IMAGES = 100
-
 
 # --------------------------------------------------------------------------- shapes
 # Each rasterizer gets pixel-centre coordinates u, v in (-0.5, 0.5) of the object's
@@ -304,15 +302,6 @@ def category_table(config: SyntheticConfig) -> List[dict]:
                 }
             )
     return table
-
-
-def lvis_frequency(image_count: int) -> str:
-    """LVIS frequency group of a category from its number of training images."""
-    if image_count <= LVIS_RARE_MAX_IMAGES:
-        return "r"
-    if image_count <= LVIS_COMMON_MAX_IMAGES:
-        return "c"
-    return "f"
 
 
 def train_image_targets(config: SyntheticConfig) -> Dict[int, int]:

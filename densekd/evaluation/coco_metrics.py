@@ -330,10 +330,22 @@ def _category_frequencies(coco_gt: FasterCOCO) -> Dict[int, str]:
     if bad:
         raise ValueError(
             f"LVIS-style evaluation needs every category to carry 'frequency' in {LVIS_FREQUENCIES}; "
-            f"missing or invalid for category id(s) {bad[:10]}. Set it from training image counts "
-            "(LVIS: r <= 10 images, c 11..100, f > 100)"
+            f"missing or invalid for category id(s) {bad[:10]}. Pass category_frequency derived from the "
+            "training split's image counts (CocoDetectionDataset.lvis_frequencies() of the training set; "
+            "LVIS: r <= 10 images, c 11..100, f > 100)"
         )
     return freqs
+
+
+def _with_frequencies(gt: GroundTruth, category_frequency: Mapping[int, str]) -> Dict[str, Any]:
+    """A private copy of the ground truth whose categories carry ``category_frequency``."""
+    document = _gt_dataset(gt)
+    categories = document.get("categories", [])
+    missing = sorted(int(c["id"]) for c in categories if int(c["id"]) not in category_frequency)
+    if missing:
+        raise ValueError(f"category_frequency has no group for category id(s) {missing[:10]} of the ground truth")
+    document["categories"] = [{**c, "frequency": category_frequency[int(c["id"])]} for c in categories]
+    return document
 
 
 def _top_k_per_image(records: List[Dict[str, Any]], k: int) -> List[Dict[str, Any]]:
@@ -353,12 +365,14 @@ def evaluate_lvis_style(
     iou_type: str = "bbox",
     max_dets: int = 300,
     image_ids: Optional[Sequence[int]] = None,
+    category_frequency: Optional[Mapping[int, str]] = None,
 ) -> Dict[str, Any]:
     """LVIS's federated AP with rare / common / frequent splits, through faster-coco-eval.
 
     LVIS semantics (Gupta et al. 2019, sec. 5), as faster-coco-eval implements them:
 
-    * every category needs ``frequency`` in ``("r", "c", "f")``;
+    * every category needs ``frequency`` in ``("r", "c", "f")``: from the file (LVIS files carry
+      it), or from ``category_frequency``, which replaces the file's (plain COCO files have none);
     * a detection of category c in image i counts only if c is annotated in i or listed in the
       image's ``neg_category_ids``; any other detection is dropped (neither TP nor FP), since
       nobody checked whether c is in i. An image without ``neg_category_ids`` therefore has
@@ -374,6 +388,8 @@ def evaluate_lvis_style(
         iou_type: ``"bbox"`` or ``"segm"``.
         max_dets: detections kept per image (LVIS: 300).
         image_ids: evaluate only these images (default: all).
+        category_frequency: category id -> ``"r"`` / ``"c"`` / ``"f"`` for every category of
+            ``gt``, e.g. from the training split's image counts; default: the file's ``frequency``.
 
     Returns:
         ``{name: float}`` for :data:`LVIS_METRIC_NAMES` (``AP, AP50, AP75, APs, APm, APl, APr,
@@ -383,6 +399,8 @@ def evaluate_lvis_style(
     _check_choice("iou_type", iou_type, IOU_TYPES)
     if max_dets < 1:
         raise ValueError(f"max_dets must be >= 1, got {max_dets}")
+    if category_frequency is not None:
+        gt = _with_frequencies(gt, category_frequency)
     coco_gt = _load_gt(gt, "faster_coco_eval")
     frequencies = _category_frequencies(coco_gt)
     records = _load_results(results, iou_type)

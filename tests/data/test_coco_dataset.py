@@ -65,6 +65,22 @@ def test_non_contiguous_ids_map_to_sorted_contiguous_labels(hand_written):
     assert dataset.image_labels() == [[2, 3], [1], []]
 
 
+def test_lvis_frequencies_from_the_file_or_from_training_image_counts(hand_written, tmp_path):
+    image_dir, annotation_file = hand_written
+    dataset = CocoDetectionDataset(image_dir, annotation_file)
+    assert dataset.lvis_frequencies() == {3: "f", 7: "c", 42: "r"}  # the file's, though every class has 1 image
+    assert dataset.frequency_source == "the annotation file"
+    document = json.loads(annotation_file.read_text())
+    for category in document["categories"]:
+        del category["frequency"]
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(document))
+    derived = CocoDetectionDataset(image_dir, plain)
+    assert derived.frequency_groups is None
+    assert derived.lvis_frequencies() == {3: "r", 7: "r", 42: "r"}  # 1 image each: rare (<= 10)
+    assert derived.frequency_source == "the image counts of plain.json"
+
+
 def test_crowd_annotations_are_dropped(hand_written):
     image, target = CocoDetectionDataset(*hand_written)[0]
     assert image.shape == (3, 20, 30) and image.dtype == torch.float32

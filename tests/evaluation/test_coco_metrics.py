@@ -335,6 +335,22 @@ def test_lvis_empty_results_and_missing_frequency():
         evaluate_lvis_style(_ALL_AREAS_GT, [])
 
 
+def test_lvis_groups_given_for_a_file_without_frequency():
+    """Plain COCO files carry no 'frequency': the groups come from the caller (the training
+    split's image counts) and replace the file's, without touching the caller's ground truth."""
+    plain = _lvis_gt()
+    for cat in plain["categories"]:
+        del cat["frequency"]
+    dets = [_det(1, 1, [10, 10, 30, 30], 0.8)]
+    m = evaluate_lvis_style(plain, dets, category_frequency=_FREQS)
+    assert m["APr"] == pytest.approx(1.0) and m["APc"] == 0.0 and m["APf"] == 0.0
+    assert all("frequency" not in cat for cat in plain["categories"])
+    regrouped = evaluate_lvis_style(_lvis_gt(), dets, category_frequency={1: "f", 2: "c", 3: "f"})
+    assert regrouped["APf"] == pytest.approx(0.5) and regrouped["APr"] != regrouped["APr"]  # no rare class: nan
+    with pytest.raises(ValueError, match=r"no group for category id\(s\) \[3\]"):
+        evaluate_lvis_style(plain, dets, category_frequency={1: "r", 2: "c"})
+
+
 # --------------------------------------------------------------------------- conversion and display
 
 

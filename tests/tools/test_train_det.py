@@ -58,7 +58,8 @@ def test_quick_demo_runs_end_to_end_and_eval_det_agrees(tmp_path):
 
 def test_real_data_flags_and_a_teacher_checkpoint(tmp_path):
     """COCO-format files given on the command line (here: a tiny generated set with
-    non-contiguous category ids) and a teacher checkpoint instead of teacher training."""
+    non-contiguous category ids and, like every plain COCO file, no LVIS 'frequency') and a
+    teacher checkpoint instead of teacher training."""
     from densekd.data import SyntheticConfig, generate_synthetic_dataset
 
     paths = generate_synthetic_dataset(tmp_path / "data", SyntheticConfig(num_train=24, num_val=12, image_size=64, max_object_size=32))
@@ -66,6 +67,7 @@ def test_real_data_flags_and_a_teacher_checkpoint(tmp_path):
         data = json.loads(Path(ann).read_text())
         for record in data["categories"]:
             record["id"] *= 10
+            del record["frequency"], record["image_count"], record["instance_count"]
         for record in data["annotations"]:
             record["category_id"] *= 10
         for record in data["images"]:
@@ -88,6 +90,11 @@ def test_real_data_flags_and_a_teacher_checkpoint(tmp_path):
         assert [(c["label"], c["id"]) for c in categories] == [(k, 10 * k) for k in range(1, 13)]
     detections = json.loads((output / "detections_distilled.json").read_text())
     assert {d["category_id"] for d in detections} <= {10 * k for k in range(1, 13)}
+    # The LVIS groups come from the 24 training images: every class is in <= 10 of them, so rare.
+    assert f"groups from the image counts of {Path(paths.train_ann).name}" in stdout
+    assert "distilled vs baseline: AP " in stdout and "APf -" in stdout  # no frequent class: '-', not '+nan'
     report = json.loads((output / "metrics.json").read_text())
+    for name in MODELS:
+        assert isinstance(report["models"][name]["APr"], float) and report["models"][name]["APf"] is None
     assert report["config"]["data"]["dataset"] == "coco"
     assert report["training"]["teachers"][0] == {"checkpoint": str(tmp_path / "teacher.pth")}
