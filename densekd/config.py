@@ -12,6 +12,7 @@ A distillation config is a flat mapping::
       - {loss: binary_kd, on: cls_logits, temperature: 2.0, confidence_weighting: true}
       - {loss: cwd, on: features, weight: 0.5, levels: ["0", "1", "2"]}
       - {loss: kl, on: roi_class_logits, class_weights: {method: sqrt_inverse}}
+      - {loss: masked_imitation, on: features, balance: 0.5}   # scaled to 0.5 x the student's loss
 
 Unknown keys and wrong types are errors that name the key and the valid ones. Files are
 read with a ``yaml.SafeLoader``: no code in YAML.
@@ -42,6 +43,8 @@ _TERM_KEYS = {
     "class_temperature_spread": (int, float),
     "confidence_weighting": bool,
     "name": str,
+    "balance": (int, float),
+    "balance_iters": int,
 }
 _CLASS_WEIGHT_KEYS = {"method": str, "beta": float, "group_multipliers": dict, "power": (int, float)}
 _SELF_DISTILLATION_KEYS = {"mode": str, "ema_decay": (int, float)}

@@ -63,6 +63,9 @@ class DistillerBase(nn.Module):
         self.warmup_iters = int(warmup_iters)
         self.terms = list(terms)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        # Per term: [sum of the student's own loss, sum of the unscaled term, steps summed] over
+        # the steps that set a balanced term's scale (Term.balance); float64 so long sums stay exact.
+        self.register_buffer("term_balance", torch.zeros(len(self.terms), 3, dtype=torch.float64))
         self.self_distillation_mode: Optional[str] = None
         self.ema_decay: Optional[float] = None
         self.last_terms: dict[str, dict[str, Tensor]] = {}
@@ -230,14 +233,29 @@ class DistillerBase(nn.Module):
         term_loss: Callable[[Term, Any], Tensor],
         iteration: int,
     ) -> dict[str, Tensor]:
-        """One weighted ``kd_<term>`` per term; unscaled values and weights go to ``last_terms``."""
+        """One weighted ``kd_<term>`` per term (``losses`` holds the student's own losses); unscaled
+        values and the weights applied go to ``last_terms``."""
         self.last_terms = {}
-        for term in self.terms:
+        student_loss = sum(loss.detach() for loss in losses.values())
+        for index, term in enumerate(self.terms):
             unscaled = term_loss(term, context)
-            weight = float(term.weight_at(iteration))
+            weight = float(term.weight_at(iteration)) * self._balance_scale(index, term, student_loss, unscaled)
             losses[term.key] = weight * unscaled
             self.last_terms[term.key] = {"unscaled": unscaled.detach(), "weight": torch.tensor(weight)}
         return losses
+
+    def _balance_scale(self, index: int, term: Term, student_loss: Tensor, unscaled: Tensor) -> float:
+        """1 for a plain term; for a balanced one ``balance * mean(student loss) / mean(term)``
+        over its first ``balance_iters`` training steps (updated during them, frozen after)."""
+        if term.balance is None:
+            return 1.0
+        stats = self.term_balance[index]  # (3,): student-loss sum, term sum, steps
+        step = torch.stack([student_loss.double(), unscaled.detach().double(), torch.ones_like(stats[2])])
+        if self.training and stats[2] < term.balance_iters and bool(torch.isfinite(step).all()):
+            stats += step.to(stats.device)
+        if stats[2] == 0 or stats[1] <= 0:  # nothing measured yet (eval before training), or a zero term
+            return term.balance
+        return term.balance * float(stats[0] / stats[1])
 
     @torch.no_grad()
     def _update_self_teacher(self) -> None:

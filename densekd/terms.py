@@ -7,6 +7,7 @@ mixes them up fails at construction with the list of valid choices.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
@@ -80,6 +81,14 @@ class Term:
         confidence_weighting: weight positions by the teacher's confidence; default on
             for box deltas and centerness, off otherwise.
         name: key suffix in the loss dict (``kd_<name>``); defaults to ``<on>_<loss>``.
+        balance: scale the term to ``balance`` times the student's own loss (the sum of its
+            torchvision losses), so a loss whose raw magnitude is far from the detection
+            loss's cannot silently dominate, or vanish from, the gradient. The scale is
+            ``balance * mean(student loss) / mean(unscaled term)`` over the term's first
+            ``balance_iters`` distilling steps, then frozen (it is distiller state, saved
+            and resumed with it); ``weight`` and its schedule still multiply it. None
+            (default): the term is used at its raw magnitude times ``weight``.
+        balance_iters: the steps the scale is measured over (see ``balance``).
     """
 
     loss: str
@@ -92,6 +101,8 @@ class Term:
     class_temperature_spread: float = 0.0
     confidence_weighting: Optional[bool] = None
     name: Optional[str] = None
+    balance: Optional[float] = None
+    balance_iters: int = 50
 
     def __post_init__(self) -> None:
         if self.on not in LOSSES_BY_OUTPUT:
@@ -127,6 +138,10 @@ class Term:
             raise ValueError(f"Term {self.name!r}: 'levels' applies to feature terms only.")
         if self.confidence_weighting is None:
             self.confidence_weighting = self.on in CONFIDENCE_WEIGHTED_BY_DEFAULT
+        if self.balance is not None and not (math.isfinite(self.balance) and self.balance > 0):
+            raise ValueError(f"Term {self.name!r}: balance must be a positive number (e.g. 0.5), got {self.balance}.")
+        if int(self.balance_iters) != self.balance_iters or self.balance_iters < 1:
+            raise ValueError(f"Term {self.name!r}: balance_iters must be a whole number >= 1, got {self.balance_iters}.")
 
     @property
     def key(self) -> str:
