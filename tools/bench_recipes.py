@@ -103,6 +103,7 @@ from densekd.evaluation import (  # noqa: E402
     format_mean_std,
     paired_gain,
     plot_gains,
+    plot_per_class_ap,
     seed_summary,
 )
 from densekd.experiment import DataFiles, data_files, prepare_teachers, train_student  # noqa: E402
@@ -378,11 +379,18 @@ class Workbench:
         self.bench, self.files, self.teacher_config = bench, files, teachers
         self.val_set = CocoDetectionDataset(files.val_images, files.val_ann)
         self.num_classes = self.val_set.num_classes
+        self.train_set = CocoDetectionDataset(files.train_images, files.train_ann)
         # APr/APc/APf groups: the file's, else from the training split's image counts (plain COCO)
-        self.frequencies = CocoDetectionDataset(files.train_images, files.train_ann).lvis_frequencies()
+        self.frequencies = self.train_set.lvis_frequencies()
         self._teachers: dict[str, tuple[list[torch.nn.Module], list[dict[str, Any]]]] = {}
         self._errors_seen: set[str] = set()
         self.teacher_seconds = 0.0  # spent training or loading teachers: left out of the ETA
+
+    def categories(self) -> list[tuple[int, str, int]]:
+        """(category id, name, training images) per class, most training images first."""
+        rows = [(self.val_set.label_to_category_id[label], name, self.train_set.image_counts[label - 1])
+                for label, name in enumerate(self.val_set.categories, start=1)]  # fmt: skip
+        return sorted(rows, key=lambda row: (-row[2], row[0]))
 
     def teachers(self, extra: Sequence[Any] = ()) -> tuple[list[torch.nn.Module], list[dict[str, Any]]]:
         """The experiment's teacher (seed of the experiment) plus ``extra`` teachers, from the cache."""
@@ -605,6 +613,55 @@ def markdown_table(summary: dict[str, dict[str, dict]], bench: Bench, teacher: O
     return "\n".join(lines)
 
 
+def per_class_values(records: Sequence[dict[str, Any]], schedule: str, recipe: str) -> dict[int, dict[int, float]]:
+    """category id -> {seed: AP} of one (schedule, recipe) over its finished runs."""
+    values: dict[int, dict[int, float]] = {}
+    for record in records:
+        if record["schedule"] == schedule and record["recipe"] == recipe and not record["error"]:
+            for category, ap in record["per_class_ap"].items():
+                values.setdefault(int(category), {})[record["seed"]] = ap
+    return values
+
+
+def per_class_table(records: Sequence[dict[str, Any]], bench: Bench, categories: list[tuple[int, str, int]],
+                    teacher: Optional[dict[str, Any]]) -> str:  # fmt: skip
+    """Per schedule, AP per category (most training images first): the teacher, the baseline's
+    mean ± std over seeds, and each recipe's paired gain over it, so the tail classes can be
+    read by name beside the frequent ones."""
+    lines = []
+    for schedule, iterations in bench.iterations.items():
+        baseline = per_class_values(records, schedule, BASELINE)
+        recipes = {recipe: per_class_values(records, schedule, recipe) for recipe in bench.recipes}
+        lines.append(f"### AP per category, {schedule} schedule ({iterations} iterations)")
+        rows = [["category (training images)", "teacher", "baseline", *(f"Δ {recipe}" for recipe in recipes)]]
+        for category, name, images in categories:
+            teacher_ap = (teacher or {}).get("per_class_ap", {}).get(str(category), (teacher or {}).get("per_class_ap", {}).get(category))
+            teacher_cell = "-" if teacher_ap is None else format_mean_std(seed_summary([teacher_ap]))
+            base = baseline.get(category, {})
+            gains = [format_gain(paired_gain(values.get(category, {}), base)) for values in recipes.values()]
+            rows.append([f"{name} ({images})", teacher_cell, format_mean_std(seed_summary(base.values())), *gains])
+        lines += _markdown(rows) + [""]
+    lines.append("AP in percent on the val split; baseline: mean ± std over seeds; Δ: paired gain over the baseline "
+                 f"(* beyond {SIGNIFICANCE_FACTOR:g} std of the per-seed differences).")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_per_class(records: Sequence[dict[str, Any]], bench: Bench, categories: list[tuple[int, str, int]],
+                   teacher: Optional[dict[str, Any]], path: Path) -> Path:  # fmt: skip
+    """Mean AP per category over seeds for the teacher, the baseline and each recipe, longest schedule."""
+    schedule = max(bench.iterations, key=bench.iterations.get)
+    models: dict[str, dict[int, float]] = {}
+    if teacher is not None:
+        models["teacher"] = {int(c): ap for c, ap in teacher["per_class_ap"].items()}
+    for recipe in [BASELINE, *bench.recipes]:
+        values = per_class_values(records, schedule, recipe)
+        models[recipe] = {c: seed_summary(v.values()).mean for c, v in values.items() if v}
+    return plot_per_class_ap(
+        models, {c: name for c, name, _ in categories}, {c: n for c, _, n in categories}, path,
+        title=f"AP per category, mean of {len(bench.seeds)} seeds, students trained {bench.iterations[schedule]} iterations",
+    )  # fmt: skip
+
+
 def plot(summary: dict[str, dict[str, dict]], path: Path, bench: Bench) -> Path:
     gains = {
         f"{schedule} ({bench.iterations[schedule]} it)": {recipe: e["gains"] for recipe, e in entries.items() if recipe != BASELINE}
@@ -646,6 +703,9 @@ def run(args: argparse.Namespace, stdout) -> int:
     table = markdown_table(summary, bench, teacher)
     (output / "results.md").write_text(table + "\n")
     plot(summary, output / "gains.png", bench)
+    per_class = per_class_table(records, bench, workbench.categories(), teacher)
+    (output / "per_class.md").write_text(per_class + "\n")
+    plot_per_class(records, bench, workbench.categories(), teacher, output / "per_class_ap.png")
     document = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "settings": {"config": str(bench.config_path), "recipes": bench.recipes, "seeds": bench.seeds,
@@ -660,10 +720,11 @@ def run(args: argparse.Namespace, stdout) -> int:
         "runs": records,
         "summary": summary_document(summary),
         "table": table,
+        "per_class_table": per_class,
     }
     write_json_atomic(output / "results.json", document)
     print("\n" + table, flush=True)
-    print(f"\nwrote {output}/results.md, gains.png, results.json, runs/", flush=True)
+    print(f"\nwrote {output}/results.md, gains.png, per_class.md, per_class_ap.png, results.json, runs/", flush=True)
     if args.json:
         stdout.write(json.dumps(jsonable(document), indent=2) + "\n")
     return 0

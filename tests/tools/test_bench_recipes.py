@@ -59,6 +59,7 @@ def _fake_record(run, ap, error=None):
               "iterations": run.iterations, "key": run.key, "error": error}  # fmt: skip
     if error is None:
         record.update(metrics={m: ap for m in ("AP", "AP50", "AP75", "APs", "APm", "APr", "APc", "APf")}, train_seconds=1.0)
+        record["per_class_ap"] = {"1": ap, "7": ap / 2}  # as read back from JSON: string category ids
     return record
 
 
@@ -150,6 +151,18 @@ def test_summary_table_marks_gains_errors_and_recipes_that_do_not_help(bench_too
     tool.plot(summary, tmp_path / "gains.png", bench)
     assert (tmp_path / "gains.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # Per category, most training images first: teacher, baseline mean ± std, paired gains by name.
+    categories = [(1, "fish", 240), (7, "starfish", 37)]
+    teacher["per_class_ap"] = {1: 0.5, 7: 0.3}
+    per_class = tool.per_class_table(records, bench, categories, teacher)
+    long_rows = per_class.split("long schedule")[1].splitlines()
+    fish = next(line for line in long_rows if line.startswith("| fish (240)"))
+    starfish = next(line for line in long_rows if line.startswith("| starfish (37)"))
+    assert [c.strip() for c in fish.split("|")[1:-1]] == ["fish (240)", "50.0", "25.0 ± 5.0", "+3.0 ± 0.1 *", "+0.7 ± 1.5 (n.s.)", "-"]
+    assert [c.strip() for c in starfish.split("|")[2:4]] == ["30.0", "12.5 ± 2.5"]
+    tool.plot_per_class(records, bench, categories, teacher, tmp_path / "per_class_ap.png")
+    assert (tmp_path / "per_class_ap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 def _run_tool(args, env):
     done = subprocess.run([sys.executable, str(TOOL), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -177,6 +190,8 @@ def test_quick_benchmark_end_to_end_then_resumes_without_training(tmp_path):
     report = json.loads((output / "results.json").read_text())
     assert (output / "gains.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["table"] == (output / "results.md").read_text().rstrip("\n")
+    assert report["per_class_table"] == (output / "per_class.md").read_text().rstrip("\n")
+    assert "| blue_circle (" in report["per_class_table"] and (output / "per_class_ap.png").is_file()
     assert set(report["summary"]) == {"short", "long"}
     runs = report["runs"]
     assert len(runs) == 2 * 2 * 3 and {r["seed"] for r in runs} == {0, 1}
