@@ -22,6 +22,20 @@ from .terms import Term
 SELF_DISTILLATION_MODES = ("ema", "snapshot")
 
 
+def check_plain_student(student: nn.Module) -> None:
+    """Refuse a student inside a parallel wrapper: DistributedDataParallel, DataParallel or any
+    module that holds the model as ``.module``. The distiller must be the outermost module under
+    the wrapper, so that the connectors train with the student and the frozen teachers stay out
+    of gradient synchronisation."""
+    inner = getattr(student, "module", None)
+    if isinstance(inner, nn.Module):
+        raise ValueError(
+            f"The student is wrapped in {type(student).__name__}; pass the plain {type(inner).__name__} as the "
+            "student and wrap the distiller instead, e.g. model = DistributedDataParallel(distiller) "
+            "(a wrapper around the student alone leaves the connectors unsynchronised across processes)."
+        )
+
+
 def _frozen(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
@@ -53,6 +67,7 @@ class DistillerBase(nn.Module):
         warmup_iters: int = 0,
     ):
         super().__init__()
+        check_plain_student(student)
         teachers = [teachers] if isinstance(teachers, nn.Module) else list(teachers)
         if not teachers:
             name = type(self).__name__
@@ -85,6 +100,7 @@ class DistillerBase(nn.Module):
             raise ValueError(f"Self-distillation mode must be one of {SELF_DISTILLATION_MODES}, got {mode!r}.")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}.")
+        check_plain_student(student)  # before the copy that becomes the teacher
         distiller = cls(student, copy.deepcopy(student), terms, warmup_iters=warmup_iters, **kwargs)
         distiller.self_distillation_mode = mode
         distiller.ema_decay = ema_decay
