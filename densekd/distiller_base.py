@@ -1,6 +1,7 @@
 """What every distiller shares, whatever the model family: frozen teachers and their weights,
 term checks against what each model produces, feature-level pairing and connectors, the
-iteration counter, warm-up, weighted term losses and self-distillation (EMA or snapshot).
+iteration counter, warm-up, weighted term losses, self-distillation (EMA or snapshot) and the
+state_dict that resumes training.
 
 :class:`~densekd.distiller.Distiller` (detection) and
 :class:`~densekd.segmentation_distiller.SegmentationDistiller` add their family's adapters,
@@ -213,6 +214,40 @@ class DistillerBase(nn.Module):
                     connectors[connector_key(term, index, student_level)] = FeatureConnector(student_channels, target)
         device = next(self.student.parameters()).device
         self.connectors = connectors.to(device)
+
+    # --- checkpoints ------------------------------------------------------------------------
+    @property
+    def teachers_are_state(self) -> bool:
+        """True for self-distillation, whose EMA or snapshot teacher is trained state; False for
+        external teachers, which stay frozen and are the user's own."""
+        return self.self_distillation_mode is not None
+
+    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
+        """What resuming needs: ``student.*``, ``connectors.*``, ``iteration`` (the steps taken;
+        it drives schedules and warm-up) and, for self-distillation, ``teachers.0.*`` (the EMA or
+        snapshot teacher). Frozen external teachers are left out: the user already has them and
+        passes them again to the distiller that loads this state.
+
+        Save it as a plain ``torch.save(distiller.state_dict(), path)``; under a wrapper
+        (``DistributedDataParallel(distiller)``) the wrapper's state_dict leaves them out too."""
+        state = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if not self.teachers_are_state:
+            teacher_prefix = prefix + "teachers."
+            for key in [k for k in state if k.startswith(teacher_prefix)]:
+                del state[key]
+            metadata = getattr(state, "_metadata", {})
+            for key in [k for k in metadata if k == teacher_prefix[:-1] or k.startswith(teacher_prefix)]:
+                del metadata[key]
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """Loading (``load_state_dict``, also through a wrapper) takes a state without external
+        teachers' entries: the teachers this distiller holds keep their weights. A state that
+        has them (densekd before 0.x wrote the whole module) loads them as well."""
+        if not self.teachers_are_state:
+            for key, value in self.teachers.state_dict(prefix=prefix + "teachers.").items():
+                state_dict.setdefault(key, value)  # each teacher tensor onto itself: unchanged
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     # --- training-time behaviour --------------------------------------------------------
     def train(self, mode: bool = True):

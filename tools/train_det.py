@@ -84,7 +84,9 @@ def overrides_from(args: argparse.Namespace) -> list[str]:
 
 def planned_outputs(config: ExperimentConfig, num_classes: int, output: Path) -> dict[Path, int]:
     """Estimated sizes of the files the student phases write into ``output``: the baseline and
-    distilled checkpoints (a Distiller's state holds its teachers) and the students' weights."""
+    distilled checkpoints and the students' weights. A Distiller's state holds a self-distillation
+    teacher but no external one; its connectors (and their optimizer state) are not known before
+    it is built, so the teachers' size stands in for them: a generous bound."""
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         student = build_detector(config.student.name, num_classes, config.student.image_size)
         teachers = [build_detector(s.name, num_classes, s.image_size) for s in (config.teacher, *config.extra_teachers)]
