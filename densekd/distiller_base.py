@@ -1,7 +1,7 @@
 """What every distiller shares, whatever the model family: frozen teachers and their weights,
 term checks against what each model produces, feature-level pairing and connectors, the
-iteration counter, warm-up, weighted term losses, self-distillation (EMA or snapshot) and the
-state_dict that resumes training.
+iteration counter, warm-up, weighted term losses, self-distillation (EMA or snapshot), the
+state_dict that resumes training and the optimizer's parameter groups.
 
 :class:`~densekd.distiller.Distiller` (detection) and
 :class:`~densekd.segmentation_distiller.SegmentationDistiller` add their family's adapters,
@@ -10,13 +10,14 @@ checks and forward pass.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .connectors import FeatureConnector
 from .pairs import connector_key
+from .parameter_groups import NORM_CLASSES, weight_decay_groups
 from .precision import teacher_autocast
 from .terms import Term
 
@@ -256,9 +257,36 @@ class DistillerBase(nn.Module):
             teacher.eval()  # BatchNorm and dropout of a teacher never switch to training
         return self
 
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of every student and connector parameter with ``requires_grad``,
+        named as in the distiller's state_dict (``student.…``, ``connectors.…``); never a
+        teacher's (a self-distillation teacher follows the student by EMA or snapshot)."""
+        for prefix, module in (("student", self.student), ("connectors", self.connectors)):
+            for name, parameter in module.named_parameters(prefix=prefix):
+                if parameter.requires_grad:
+                    yield name, parameter
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Student and connector parameters: what an optimizer should update."""
-        return [p for p in list(self.student.parameters()) + list(self.connectors.parameters()) if p.requires_grad]
+        return [parameter for _, parameter in self.named_trainable_parameters()]
+
+    def parameter_groups(
+        self,
+        weight_decay: float,
+        norm_weight_decay: Optional[float] = None,
+        bias_weight_decay: Optional[float] = None,
+        norm_classes: tuple[type, ...] = NORM_CLASSES,
+    ) -> list[dict[str, Any]]:
+        """The trainable parameters (student and connectors) in optimizer groups by weight decay,
+        as torchvision's reference scripts split them: normalization layers get
+        ``norm_weight_decay`` and parameters named ``bias`` ``bias_weight_decay`` where given
+        (see :func:`densekd.parameter_groups.weight_decay_groups`)::
+
+            optimizer = torch.optim.SGD(distiller.parameter_groups(1e-4, norm_weight_decay=0.0), lr=0.02, momentum=0.9)
+        """
+        return weight_decay_groups(
+            [self.student, self.connectors], weight_decay, norm_weight_decay, bias_weight_decay, norm_classes
+        )
 
     def _next_iteration(self) -> int:
         """This step's iteration (counted from 0); advances the counter."""

@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from densekd import Distiller, Term
-from tiny_detectors import build_retinanet, make_batch
+from densekd import Distiller, Term, weight_decay_groups
+from tiny_detectors import build_fcos, build_retinanet, make_batch
 
 WRAP_THE_DISTILLER = r"wrap the distiller instead, e\.g\. model = DistributedDataParallel\(distiller\)"
 
@@ -145,3 +145,34 @@ def test_a_state_dict_that_still_holds_the_teachers_loads():
     fresh = _external(build_retinanet(), build_retinanet(fpn_width=64))
     fresh.load_state_dict(full, strict=True)
     assert all(torch.equal(v, nn.Module.state_dict(fresh)[k]) for k, v in full.items())
+
+
+# --- optimizer parameter groups ------------------------------------------------------------------
+def test_parameter_groups_hold_every_trainable_parameter_once_and_no_teacher_parameter():
+    student = build_fcos(fpn_width=32)  # FCOS heads use GroupNorm: a norm group to split off
+    student.backbone.body.conv1.requires_grad_(False)  # frozen by the user: in no group
+    distiller = Distiller(student, build_fcos(fpn_width=64), [Term("hint", "features")], probe_size=64)
+    named = dict(distiller.named_trainable_parameters())
+    assert named and all(name.startswith(("student.", "connectors.")) for name in named)
+    assert any(name.startswith("connectors.") for name in named)
+    assert set(named) == {n for n, p in distiller.named_parameters() if p.requires_grad}
+    assert "student.backbone.body.conv1.weight" not in named
+    assert [id(p) for p in distiller.trainable_parameters()] == [id(p) for p in named.values()]
+
+    groups = distiller.parameter_groups(1e-4, norm_weight_decay=0.0, bias_weight_decay=0.5)
+    assert [g["weight_decay"] for g in groups] == [1e-4, 0.0, 0.5]
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in named.values())  # each exactly once
+    teacher = {id(p) for p in distiller.teachers.parameters()}
+    assert teacher and not teacher & set(grouped)
+    other, norm, bias = ({id(p) for p in g["params"]} for g in groups)
+    norm_layers = [m for m in student.modules() if isinstance(m, nn.GroupNorm)]
+    assert norm == {id(m.weight) for m in norm_layers}  # the norm layers' biases go to the bias group
+    assert bias == {id(p) for n, p in named.items() if n.endswith(".bias")}
+    torch.optim.SGD(groups, lr=0.01, momentum=0.9).step()
+
+    # without norm/bias settings: one group, as torchvision's reference does by default
+    (single,) = distiller.parameter_groups(1e-4)
+    assert single["weight_decay"] == 1e-4 and len(single["params"]) == len(named)
+    (others, norms) = weight_decay_groups([student], 1e-4, norm_weight_decay=0.0)
+    assert {id(p) for p in norms["params"]} == {id(p) for m in norm_layers for p in m.parameters()}
