@@ -146,14 +146,15 @@ class DistillerBase(nn.Module):
             if term.class_weights is not None and term.class_weights.numel() not in self.student_adapter.label_counts:
                 raise ValueError(
                     f"Term {term.name!r}: class_weights has {term.class_weights.numel()} entries; "
-                    f"{self._class_weights_layout()}: one weight per label."
+                    f"{self._class_weights_layout()}."
                 )
 
     def _check_family_term(self, term: Term) -> None:
         """Family-specific rules for one term (raise ValueError)."""
 
     def _class_weights_layout(self) -> str:
-        return f"the student predicts labels 1..K with K in {sorted(self.student_adapter.label_counts)}"
+        """The label convention of the student's class weights, for the error of a wrong count."""
+        return self.student_adapter.class_weights_convention()
 
     @torch.no_grad()
     def _probe(self, adapter: Any, size: int) -> dict[str, tuple[int, int, int]]:

@@ -113,7 +113,7 @@ class SegmentationDistiller(DistillerBase):
 
     def _class_weights_layout(self) -> str:
         k = self.student_adapter.num_classes
-        return f"the student predicts {k} classes (labels 0..{k - 1})"
+        return f"the student predicts {k} classes (labels 0..{k - 1}): one weight per label"
 
     def _level_role(self, level: str) -> str:
         return _LEVEL_ROLES.get(level, level)
