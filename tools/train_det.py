@@ -12,7 +12,8 @@ It trains (or reuses from the cache) the teacher, trains a baseline and a distil
 with the same budget, seed and batches, evaluates all three and prints one table. Each phase
 checkpoints; ``--resume`` continues an interrupted run where it stopped. Before any training
 it checks the annotation files (a bad record stops the run with one message naming it, unless
-``--skip-bad`` drops bad records and prints how many of each kind went), that ``--output`` is
+``--skip-bad`` drops bad records and prints how many of each kind went), that the training set
+fills at least one batch, that ``--output`` is
 writable with room for the run's checkpoints, and that teacher or student checkpoints list the
 dataset's categories in the same order (the ``<checkpoint>.categories.json`` it writes next to
 every checkpoint).
@@ -32,7 +33,7 @@ from densekd.config import ConfigError, ExperimentConfig, load_experiment_config
 from densekd.data import BadDatasetError, CocoDetectionDataset, collate_detection
 from densekd.engine import evaluate, init_distributed, is_main_process, save_checkpoint
 from densekd.evaluation import plot_per_class_ap, save_results
-from densekd.experiment import data_files, prepare_teachers, train_student
+from densekd.experiment import check_training_set, data_files, prepare_teachers, train_student
 from densekd.models import CheckpointLoadError, build_detector
 from densekd.nonfinite import NonFiniteTrainingError
 from densekd.output_checks import (
@@ -148,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     num_classes = val_set.num_classes
     timings["data"] = time.perf_counter() - t
     check_model_checkpoints(config, val_set, main)
+    check_training_set(config, files, rank, world_size)  # at least one full batch, before any phase trains
     if main:
         needed = bytes_needed(planned_outputs(config, num_classes, output))
         check_output_folder(output, needed, "this run's checkpoints and weights")
