@@ -245,7 +245,7 @@ class DistillerBase(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         """Loading (``load_state_dict``, also through a wrapper) takes a state without external
         teachers' entries: the teachers this distiller holds keep their weights. A state that
-        has them (densekd before 0.x wrote the whole module) loads them as well."""
+        has them (checkpoints written while the state_dict still held every teacher) loads them too."""
         if not self.teachers_are_state:
             for key, value in self.teachers.state_dict(prefix=prefix + "teachers.").items():
                 state_dict.setdefault(key, value)  # each teacher tensor onto itself: unchanged

@@ -220,14 +220,11 @@ def check_training_set(config: ExperimentConfig, files: Any, rank: int = 0, worl
     if samples >= batch_size:
         return
     source = getattr(files, "train_ann", None) or getattr(files, "train_labels", None) or "the training set"
-    per_process = f"{samples} sample(s) per epoch on each of {world_size} processes" if world_size > 1 else f"{samples} sample(s) per epoch"
-    fix = (
-        f"set data.batch_size to at most {samples} (--set data.batch_size={samples})"
-        + (" or use fewer processes" if world_size > 1 else "")
-        + ", or add training images"
-        if samples
-        else "add training images"
-    )
+    per_process = f"{samples} sample(s) per epoch" + (f" on each of {world_size} processes" if world_size > 1 else "")
+    fix = "add training images"
+    if samples:
+        fewer = " or use fewer processes" if world_size > 1 else ""
+        fix = f"set data.batch_size to at most {samples} (--set data.batch_size={samples}){fewer}, or {fix}"
     raise BadDatasetError(
         f"{source}: the training set has {len(data.dataset)} image(s), {per_process}: not one full batch of "
         f"data.batch_size={batch_size} (incomplete batches are dropped, so nothing would train); {fix}."
