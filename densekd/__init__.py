@@ -3,6 +3,7 @@ from .adapters import SegmentationAdapter, adapter_for, is_segmentation_model
 from .connectors import FeatureConnector
 from .distiller import Distiller
 from .outputs import DenseOutputs, SegmentationOutputs
+from .parameter_groups import weight_decay_groups
 from .segmentation_distiller import SegmentationDistiller
 from .segmentation_training import SegmentationTraining
 from .schedules import Constant, Cosine, Linear, Step, build_schedule
@@ -39,6 +40,7 @@ __all__ = [
     "per_class_temperature",
     "repeat_factors",
     "segmentation_class_counts",
+    "weight_decay_groups",
 ]
 
 __version__ = "0.1.0"

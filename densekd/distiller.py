@@ -43,7 +43,9 @@ class Distiller(DistillerBase):
     :class:`~densekd.segmentation_distiller.SegmentationDistiller` with the same arguments.
 
     Args:
-        student: the torchvision detector to train (FasterRCNN, MaskRCNN, RetinaNet, FCOS).
+        student: the torchvision detector to train (FasterRCNN, MaskRCNN, RetinaNet, FCOS),
+            plain: for data-parallel training wrap the distiller, ``DistributedDataParallel(distiller)``,
+            not the student (a wrapped student is refused).
         teachers: one teacher or a list; frozen here (eval mode, no gradients).
         terms: the distillation terms (:class:`~densekd.terms.Term`).
         teacher_weights: per-teacher weights (default: equal); probabilities are averaged

@@ -1,6 +1,7 @@
 """What every distiller shares, whatever the model family: frozen teachers and their weights,
 term checks against what each model produces, feature-level pairing and connectors, the
-iteration counter, warm-up, weighted term losses and self-distillation (EMA or snapshot).
+iteration counter, warm-up, weighted term losses, self-distillation (EMA or snapshot), the
+state_dict that resumes training and the optimizer's parameter groups.
 
 :class:`~densekd.distiller.Distiller` (detection) and
 :class:`~densekd.segmentation_distiller.SegmentationDistiller` add their family's adapters,
@@ -9,17 +10,32 @@ checks and forward pass.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .connectors import FeatureConnector
 from .pairs import connector_key
+from .parameter_groups import NORM_CLASSES, weight_decay_groups
 from .precision import teacher_autocast
 from .terms import Term
 
 SELF_DISTILLATION_MODES = ("ema", "snapshot")
+
+
+def check_plain_student(student: nn.Module) -> None:
+    """Refuse a student inside a parallel wrapper: DistributedDataParallel, DataParallel or any
+    module that holds the model as ``.module``. The distiller must be the outermost module under
+    the wrapper, so that the connectors train with the student and the frozen teachers stay out
+    of gradient synchronisation."""
+    inner = getattr(student, "module", None)
+    if isinstance(inner, nn.Module):
+        raise ValueError(
+            f"The student is wrapped in {type(student).__name__}; pass the plain {type(inner).__name__} as the "
+            "student and wrap the distiller instead, e.g. model = DistributedDataParallel(distiller) "
+            "(a wrapper around the student alone leaves the connectors unsynchronised across processes)."
+        )
 
 
 def _frozen(model: nn.Module) -> nn.Module:
@@ -53,6 +69,7 @@ class DistillerBase(nn.Module):
         warmup_iters: int = 0,
     ):
         super().__init__()
+        check_plain_student(student)
         teachers = [teachers] if isinstance(teachers, nn.Module) else list(teachers)
         if not teachers:
             name = type(self).__name__
@@ -88,6 +105,7 @@ class DistillerBase(nn.Module):
             raise ValueError(f"Self-distillation mode must be one of {SELF_DISTILLATION_MODES}, got {mode!r}.")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}.")
+        check_plain_student(student)  # before the copy that becomes the teacher
         distiller = cls(student, copy.deepcopy(student), terms, warmup_iters=warmup_iters, **kwargs)
         distiller.self_distillation_mode = mode
         distiller.ema_decay = ema_decay
@@ -131,14 +149,15 @@ class DistillerBase(nn.Module):
             if term.class_weights is not None and term.class_weights.numel() not in self.student_adapter.label_counts:
                 raise ValueError(
                     f"Term {term.name!r}: class_weights has {term.class_weights.numel()} entries; "
-                    f"{self._class_weights_layout()}: one weight per label."
+                    f"{self._class_weights_layout()}."
                 )
 
     def _check_family_term(self, term: Term) -> None:
         """Family-specific rules for one term (raise ValueError)."""
 
     def _class_weights_layout(self) -> str:
-        return f"the student predicts labels 1..K with K in {sorted(self.student_adapter.label_counts)}"
+        """The label convention of the student's class weights, for the error of a wrong count."""
+        return self.student_adapter.class_weights_convention()
 
     @torch.no_grad()
     def _probe(self, adapter: Any, size: int) -> dict[str, tuple[int, int, int]]:
@@ -201,6 +220,40 @@ class DistillerBase(nn.Module):
         device = next(self.student.parameters()).device
         self.connectors = connectors.to(device)
 
+    # --- checkpoints ------------------------------------------------------------------------
+    @property
+    def teachers_are_state(self) -> bool:
+        """True for self-distillation, whose EMA or snapshot teacher is trained state; False for
+        external teachers, which stay frozen and are the user's own."""
+        return self.self_distillation_mode is not None
+
+    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
+        """What resuming needs: ``student.*``, ``connectors.*``, ``iteration`` (the steps taken;
+        it drives schedules and warm-up) and, for self-distillation, ``teachers.0.*`` (the EMA or
+        snapshot teacher). Frozen external teachers are left out: the user already has them and
+        passes them again to the distiller that loads this state.
+
+        Save it as a plain ``torch.save(distiller.state_dict(), path)``; under a wrapper
+        (``DistributedDataParallel(distiller)``) the wrapper's state_dict leaves them out too."""
+        state = super().state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if not self.teachers_are_state:
+            teacher_prefix = prefix + "teachers."
+            for key in [k for k in state if k.startswith(teacher_prefix)]:
+                del state[key]
+            metadata = getattr(state, "_metadata", {})
+            for key in [k for k in metadata if k == teacher_prefix[:-1] or k.startswith(teacher_prefix)]:
+                del metadata[key]
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """Loading (``load_state_dict``, also through a wrapper) takes a state without external
+        teachers' entries: the teachers this distiller holds keep their weights. A state that
+        has them (checkpoints written while the state_dict still held every teacher) loads them too."""
+        if not self.teachers_are_state:
+            for key, value in self.teachers.state_dict(prefix=prefix + "teachers.").items():
+                state_dict.setdefault(key, value)  # each teacher tensor onto itself: unchanged
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
     # --- training-time behaviour --------------------------------------------------------
     def train(self, mode: bool = True):
         super().train(mode)
@@ -208,9 +261,36 @@ class DistillerBase(nn.Module):
             teacher.eval()  # BatchNorm and dropout of a teacher never switch to training
         return self
 
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of every student and connector parameter with ``requires_grad``,
+        named as in the distiller's state_dict (``student.…``, ``connectors.…``); never a
+        teacher's (a self-distillation teacher follows the student by EMA or snapshot)."""
+        for prefix, module in (("student", self.student), ("connectors", self.connectors)):
+            for name, parameter in module.named_parameters(prefix=prefix):
+                if parameter.requires_grad:
+                    yield name, parameter
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Student and connector parameters: what an optimizer should update."""
-        return [p for p in list(self.student.parameters()) + list(self.connectors.parameters()) if p.requires_grad]
+        return [parameter for _, parameter in self.named_trainable_parameters()]
+
+    def parameter_groups(
+        self,
+        weight_decay: float,
+        norm_weight_decay: Optional[float] = None,
+        bias_weight_decay: Optional[float] = None,
+        norm_classes: tuple[type, ...] = NORM_CLASSES,
+    ) -> list[dict[str, Any]]:
+        """The trainable parameters (student and connectors) in optimizer groups by weight decay,
+        as torchvision's reference scripts split them: normalization layers get
+        ``norm_weight_decay`` and parameters named ``bias`` ``bias_weight_decay`` where given
+        (see :func:`densekd.parameter_groups.weight_decay_groups`)::
+
+            optimizer = torch.optim.SGD(distiller.parameter_groups(1e-4, norm_weight_decay=0.0), lr=0.02, momentum=0.9)
+        """
+        return weight_decay_groups(
+            [self.student, self.connectors], weight_decay, norm_weight_decay, bias_weight_decay, norm_classes
+        )
 
     def _next_iteration(self) -> int:
         """This step's iteration (counted from 0); advances the counter."""

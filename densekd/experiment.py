@@ -34,7 +34,14 @@ from .config import (
     parse_distillation_config,
     resolve_schedule,
 )
-from .data import CocoDetectionDataset, SyntheticConfig, collate_detection, config_hash, ensure_synthetic_dataset
+from .data import (
+    BadDatasetError,
+    CocoDetectionDataset,
+    SyntheticConfig,
+    collate_detection,
+    config_hash,
+    ensure_synthetic_dataset,
+)
 from .data.mixing import MixedDetectionDataset
 from .data.samplers import build_sampler
 from .data.transforms import build_detection_transforms
@@ -201,6 +208,27 @@ DETECTION = Task(
     build_model=_model, training_data=training_data, trainer=lambda model: model,
     distiller=_detection_distiller, collate_fn=collate_detection,
 )  # fmt: skip
+
+
+def check_training_set(config: ExperimentConfig, files: Any, rank: int = 0, world_size: int = 1, task: Task = DETECTION) -> None:
+    """Before any phase trains: the training set (after ``data.skip_bad``) fills at least one batch
+    of ``data.batch_size`` on every process. The loader drops an incomplete batch, so a smaller
+    set would train on nothing; this raises :class:`~densekd.data.BadDatasetError` (one line)
+    saying what to change instead."""
+    data = task.training_data(config, files, config.optim.iterations, rank, world_size, augment=False)
+    samples, batch_size = len(data.sampler), config.data.batch_size
+    if samples >= batch_size:
+        return
+    source = getattr(files, "train_ann", None) or getattr(files, "train_labels", None) or "the training set"
+    per_process = f"{samples} sample(s) per epoch" + (f" on each of {world_size} processes" if world_size > 1 else "")
+    fix = "add training images"
+    if samples:
+        fewer = " or use fewer processes" if world_size > 1 else ""
+        fix = f"set data.batch_size to at most {samples} (--set data.batch_size={samples}){fewer}, or {fix}"
+    raise BadDatasetError(
+        f"{source}: the training set has {len(data.dataset)} image(s), {per_process}: not one full batch of "
+        f"data.batch_size={batch_size} (incomplete batches are dropped, so nothing would train); {fix}."
+    )
 
 
 def teacher_cache_key(config: ExperimentConfig, section: ModelSection, seed: int, files: DataFiles, num_classes: int) -> str:

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from .adapters.detection import DetectorAdapter, decode_boxes, encode_boxes
 from .outputs import DenseOutputs
 from .terms import Term
-from .weighting import label_channel_layout
 
 # Relation terms compare (HW x HW) affinities; pooling the grid to at most this side keeps
 # that cost bounded on large images (a 200 x 200 level would need a 40000^2 matrix).
@@ -108,10 +107,16 @@ class StepContext:
         fused = self.fused_teacher("cls_logits", 1.0, sigmoid=True)
         return torch.sigmoid(fused).amax(dim=-1)
 
+    def per_label(self, values: Tensor, fill: float = 1.0) -> Tensor:
+        """(C,) per-class values indexed by label, laid out like the student's class channels
+        (:meth:`~densekd.adapters.detection.DetectorAdapter.per_label`): every term reads the
+        same value for the same label, whether it indexes channels, RoIs or GT boxes."""
+        return self.adapter.per_label(values, fill)
+
     def top_class_weights(self, class_weights: Tensor) -> Tensor:
         """(N, HWA) class weight of the teachers' top class at every anchor (one-stage heads)."""
         fused = self.fused_teacher("cls_logits", 1.0, sigmoid=True)  # (N, HWA, C)
-        return label_channel_layout(class_weights, fused.shape[-1], 1.0).to(fused.device)[fused.argmax(dim=-1)]
+        return self.per_label(class_weights).to(fused.device)[fused.argmax(dim=-1)]
 
     def anchor_matches(self, output_name: str) -> Tensor:
         """(N * HWA,) matched GT index per anchor of the student (negative: unmatched)."""
@@ -122,14 +127,14 @@ class StepContext:
         return self.__dict__[key]
 
     def foreground(self, level_shape: tuple[int, int], class_weights: Optional[Tensor]) -> Tensor:
-        """(N, 1, H, W) GT-box map for one feature level, weighted per box by class."""
+        """(N, 1, H, W) GT-box map for one feature level, weighted per box by its label's class weight."""
         key = (tuple(level_shape), None if class_weights is None else id(class_weights))
         cache = self.__dict__.setdefault("_foreground", {})
         if key not in cache:
             weights = [
                 torch.ones_like(labels, dtype=torch.float32)
                 if class_weights is None
-                else class_weights.to(labels.device)[labels - 1]
+                else self.per_label(class_weights).to(labels.device)[labels]
                 for labels in self.student.gt_labels
             ]
             cache[key] = _level_masks(self.student.gt_boxes, weights, self.student.batch_shape, level_shape)
@@ -160,7 +165,7 @@ def _sigmoid_logits(term: Term, ctx: StepContext) -> Tensor:
         return _mask_logits(term, ctx, base_t, class_t)
     temperature: Tensor | float = base_t
     if class_t is not None and term.on == "cls_logits":
-        temperature = label_channel_layout(class_t, student.shape[-1], base_t).to(student.device)  # (K,)
+        temperature = ctx.per_label(class_t, base_t).to(student.device)  # (C,)
     teacher = ctx.fused_teacher(term.on, temperature, sigmoid=True)
     if term.confidence_weighting:
         confidence = torch.sigmoid(teacher) if term.on == "rpn_objectness" else ctx.dense_teacher_confidence
@@ -168,7 +173,7 @@ def _sigmoid_logits(term: Term, ctx: StepContext) -> Tensor:
     else:
         weights = torch.ones_like(student[..., :1] if term.on == "cls_logits" else student)
     if term.class_weights is not None and term.on == "cls_logits":
-        weights = weights * label_channel_layout(term.class_weights, student.shape[-1], 1.0).to(student.device)  # (N, HWA, 1) * (K,)
+        weights = weights * ctx.per_label(term.class_weights).to(student.device)  # (N, HWA, 1) * (C,)
     elif term.class_weights is not None:  # centerness: weight of the teacher's top class
         weights = weights * ctx.top_class_weights(term.class_weights)
     return term.loss_fn(student, teacher, temperature=temperature, weights=weights, **term.params)
@@ -182,13 +187,13 @@ def _mask_logits(term: Term, ctx: StepContext, base_t: float, class_t: Optional[
     student = ctx.student.mask_logits[rows, labels]  # (P, K + 1, M, M) -> (P, M, M) at each RoI's label
     temperature: Tensor | float = base_t
     if class_t is not None:
-        temperature = class_t.to(labels.device)[labels - 1][:, None, None]  # (P, 1, 1)
+        temperature = ctx.per_label(class_t, base_t).to(labels.device)[labels][:, None, None]  # (P, 1, 1)
     teacher = fuse_teacher_logits(
         [t.mask_logits[rows, labels] for t in ctx.teachers], ctx.teacher_weights, temperature, sigmoid=True
     )
     weights = torch.ones_like(student)
     if term.class_weights is not None:
-        weights = weights * term.class_weights.to(student.device)[labels - 1][:, None, None]
+        weights = weights * ctx.per_label(term.class_weights).to(student.device)[labels][:, None, None]
     return term.loss_fn(student, teacher, temperature=temperature, weights=weights, **term.params)
 
 
@@ -199,11 +204,11 @@ def _softmax_logits(term: Term, ctx: StepContext) -> Tensor:
     student = ctx.student.roi_class_logits  # (R, K + 1)
     temperature: Tensor | float = base_t
     if class_t is not None:  # background RoIs keep the base temperature
-        temperature = label_channel_layout(class_t, student.shape[-1], base_t).to(student.device)[labels]  # (R,)
+        temperature = ctx.per_label(class_t, base_t).to(student.device)[labels]  # (R,)
     teacher = ctx.fused_teacher("roi_class_logits", temperature if class_t is None else temperature[:, None], False)
     weights = torch.ones(labels.shape, device=student.device)
     if term.class_weights is not None:
-        weights = weights * label_channel_layout(term.class_weights, student.shape[-1], 1.0).to(student.device)[labels]
+        weights = weights * ctx.per_label(term.class_weights).to(student.device)[labels]
     if term.confidence_weighting:
         weights = weights * torch.softmax(teacher, dim=-1).amax(dim=-1)
     kwargs = dict(term.params, weights=weights)
@@ -245,7 +250,7 @@ def _roi_box_pairs(term: Term, ctx: StepContext):
     proposals = torch.cat(ctx.student.roi_proposals)[foreground]
     weights = torch.ones(foreground.shape, device=student.device)
     if term.class_weights is not None:
-        weights = weights * term.class_weights.to(student.device)[fg_labels - 1]
+        weights = weights * ctx.per_label(term.class_weights).to(student.device)[fg_labels]
     if term.confidence_weighting:
         teacher_logits = ctx.fused_teacher("roi_class_logits", 1.0, sigmoid=False)[foreground]
         weights = weights * torch.softmax(teacher_logits, dim=-1).gather(1, fg_labels[:, None]).squeeze(1)

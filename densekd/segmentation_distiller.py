@@ -39,6 +39,7 @@ class SegmentationDistiller(DistillerBase):
 
     Args:
         student: FCN, DeepLabV3 or LRASPP to train; ``self.student`` stays that plain model.
+            Not wrapped: for data-parallel training wrap the distiller, ``DistributedDataParallel(distiller)``.
         teachers: one teacher or a list (segmentation models); frozen here (eval mode, no gradients).
         terms: the distillation terms (:class:`~densekd.terms.Term`), on "seg_logits",
             "aux_logits" or "features" (backbone levels "out"/"aux" or "low"/"high").
@@ -112,7 +113,7 @@ class SegmentationDistiller(DistillerBase):
 
     def _class_weights_layout(self) -> str:
         k = self.student_adapter.num_classes
-        return f"the student predicts {k} classes (labels 0..{k - 1})"
+        return f"the student predicts {k} classes (labels 0..{k - 1}): one weight per label"
 
     def _level_role(self, level: str) -> str:
         return _LEVEL_ROLES.get(level, level)

@@ -75,7 +75,11 @@ class Term:
         class_weights: (K,) per-class weights, mean 1 (see ``densekd.weighting``);
             applied per class channel, per RoI (matched GT label), per GT box in
             foreground masks and per matched box for box terms; for segmentation logits
-            per pixel (its ground-truth class) or per class channel (CWD).
+            per pixel (its ground-truth class) or per class channel (CWD). One weight per
+            label, in the layout of the student's class channels (label k on channel k):
+            softmax RoI heads (K + 1 channels, background 0) take K, for labels 1..K;
+            RetinaNet/FCOS heads with C channels take C (labels 0..C-1) or C - 1 (labels
+            1..C-1, channel 0 unused); segmenters K, for labels 0..K-1.
         class_temperature_spread: > 0 gives rarer classes a warmer temperature
             (``densekd.weighting.per_class_temperature``); needs ``class_weights``.
         confidence_weighting: weight positions by the teacher's confidence; default on

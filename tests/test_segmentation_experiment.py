@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from densekd.config import ConfigError, load_experiment_config
-from densekd.data import SemanticSegmentationDataset
-from densekd.segmentation_experiment import segmentation_data_files, segmentation_training_data
+from densekd.data import BadDatasetError, SemanticSegmentationDataset
+from densekd.segmentation_experiment import SEGMENTATION, segmentation_data_files, segmentation_training_data
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "experiments" / "seg_demo.yaml"
@@ -68,3 +68,15 @@ def test_command_line_data_flags_become_overrides():
     with pytest.raises(ConfigError, match="needs --train-ann"):
         overrides_from(parse_args(["--categories", "voc"]))
     assert overrides_from(parse_args(["--mask-folder", "root"]))[:2] == ["data.dataset=mask_folder", "data.mask_root=root"]
+
+
+def test_a_training_set_smaller_than_one_batch_is_refused_before_training(cache):
+    from densekd.experiment import check_training_set
+
+    config = load_experiment_config(DEMO, TINY + ["data.batch_size=24"])
+    files = segmentation_data_files(config)
+    check_training_set(config, files, task=SEGMENTATION)  # 24 images fill one batch of 24
+    too_big = load_experiment_config(DEMO, TINY + ["data.batch_size=25"])
+    with pytest.raises(BadDatasetError, match=r"the training set has 24 image\(s\), 24 sample\(s\) per epoch: not one "
+                                              r"full batch of data.batch_size=25.*--set data.batch_size=24"):  # fmt: skip
+        check_training_set(too_big, files, task=SEGMENTATION)

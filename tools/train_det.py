@@ -12,7 +12,8 @@ It trains (or reuses from the cache) the teacher, trains a baseline and a distil
 with the same budget, seed and batches, evaluates all three and prints one table. Each phase
 checkpoints; ``--resume`` continues an interrupted run where it stopped. Before any training
 it checks the annotation files (a bad record stops the run with one message naming it, unless
-``--skip-bad`` drops bad records and prints how many of each kind went), that ``--output`` is
+``--skip-bad`` drops bad records and prints how many of each kind went), that the training set
+fills at least one batch, that ``--output`` is
 writable with room for the run's checkpoints, and that teacher or student checkpoints list the
 dataset's categories in the same order (the ``<checkpoint>.categories.json`` it writes next to
 every checkpoint).
@@ -32,7 +33,7 @@ from densekd.config import ConfigError, ExperimentConfig, load_experiment_config
 from densekd.data import BadDatasetError, CocoDetectionDataset, collate_detection
 from densekd.engine import evaluate, init_distributed, is_main_process, save_checkpoint
 from densekd.evaluation import plot_per_class_ap, save_results
-from densekd.experiment import data_files, prepare_teachers, train_student
+from densekd.experiment import check_training_set, data_files, prepare_teachers, train_student
 from densekd.models import CheckpointLoadError, build_detector
 from densekd.nonfinite import NonFiniteTrainingError
 from densekd.output_checks import (
@@ -85,7 +86,9 @@ def overrides_from(args: argparse.Namespace) -> list[str]:
 
 def planned_outputs(config: ExperimentConfig, num_classes: int, output: Path) -> dict[Path, int]:
     """Estimated sizes of the files the student phases write into ``output``: the baseline and
-    distilled checkpoints (a Distiller's state holds its teachers) and the students' weights."""
+    distilled checkpoints and the students' weights. A Distiller's state holds a self-distillation
+    teacher but no external one; its connectors (and their optimizer state) are not known before
+    it is built, so the teachers' size stands in for them: a generous bound."""
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         student = build_detector(config.student.name, num_classes, config.student.image_size)
         teachers = [build_detector(s.name, num_classes, s.image_size) for s in (config.teacher, *config.extra_teachers)]
@@ -152,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
               f"{train_counts.frequency_source}: {frequency_summary(frequencies, val_set)}", flush=True)  # fmt: skip
     timings["data"] = time.perf_counter() - t
     check_model_checkpoints(config, val_set, main)
+    check_training_set(config, files, rank, world_size)  # at least one full batch, before any phase trains
     if main:
         needed = bytes_needed(planned_outputs(config, num_classes, output))
         check_output_folder(output, needed, "this run's checkpoints and weights")

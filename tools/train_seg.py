@@ -55,7 +55,7 @@ from densekd.config import ConfigError, load_experiment_config
 from densekd.data import BadDatasetError
 from densekd.engine import init_distributed, is_main_process, save_checkpoint
 from densekd.evaluation import evaluate_segmentation, format_per_class_iou, group_mean_iou, plot_per_class_iou
-from densekd.experiment import prepare_teachers, train_student
+from densekd.experiment import check_training_set, prepare_teachers, train_student
 from densekd.models import CheckpointLoadError
 from densekd.nonfinite import NonFiniteTrainingError
 from densekd.output_checks import CheckpointWriteError, OutputFolderError
@@ -145,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     num_classes = train_set.num_classes
     groups = lvis_frequency_groups(train_set.image_counts)  # (K,) 'r' / 'c' / 'f' by training images
     timings["data"] = time.perf_counter() - t
+
+    check_training_set(config, files, rank, world_size, task=SEGMENTATION)  # one full batch, before any phase trains
 
     t = time.perf_counter()
     teachers, teacher_info = prepare_teachers(

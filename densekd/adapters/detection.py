@@ -24,6 +24,7 @@ from torchvision.ops import box_iou
 
 from ..outputs import DenseOutputs
 from ..taps import unwrap_model
+from ..weighting import label_channel_layout
 
 FEATURES = "features"
 DENSE_HEAD_OUTPUTS = frozenset({"cls_logits", "box_regression", "centerness"})
@@ -73,9 +74,24 @@ class DetectorAdapter(ABC):
         """K, the number of foreground classes."""
 
     @property
+    @abstractmethod
+    def class_channels(self) -> int:
+        """C, the class channels of the head; torchvision puts label k on channel k."""
+
+    @property
     def label_counts(self) -> set[int]:
         """Possible K (labels 1..K) for this head; see :func:`densekd.weighting.label_channel_layout`."""
         return {self.num_classes}
+
+    @abstractmethod
+    def class_weights_convention(self) -> str:
+        """How many per-class values this head takes, and for which labels (for error messages)."""
+
+    def per_label(self, values: Tensor, fill: float = 1.0) -> Tensor:
+        """Per-class values ``(K,)`` or ``(C,)`` as ``(C,)`` indexed by label, the layout of the
+        class channels: ``per_label(w)[labels]`` is each label's value, ``fill`` where a channel
+        has no label (background, or channel 0 of a head trained on labels 1..K)."""
+        return label_channel_layout(values, self.class_channels, fill)
 
     @property
     def image_mean_std(self) -> tuple[list[float], list[float]]:
@@ -168,10 +184,22 @@ class _OneStageAdapter(DetectorAdapter):
         return self.model.head.classification_head.num_classes
 
     @property
+    def class_channels(self) -> int:
+        return self.num_classes
+
+    @property
     def label_counts(self) -> set[int]:
         # torchvision's one-stage losses put label k on channel k, so a head trained on labels
         # 1..K has K + 1 channels (channel 0 unused); one trained on 0..K-1 has K.
         return {self.num_classes, self.num_classes - 1}
+
+    def class_weights_convention(self) -> str:
+        c = self.class_channels
+        return (
+            f"the student's {type(self.model).__name__} head has {c} class channels with label k on channel k: "
+            f"give {c} weights for labels 0..{c - 1}, or {c - 1} for labels 1..{c - 1} (channel 0 unused; "
+            "densekd's datasets and build_detector number labels 1..K)"
+        )
 
     def anchor_signature(self) -> tuple:
         generator = self.model.anchor_generator
@@ -226,7 +254,18 @@ class RCNNAdapter(DetectorAdapter):
 
     @property
     def num_classes(self) -> int:
-        return self.model.roi_heads.box_predictor.cls_score.out_features - 1  # minus background
+        return self.class_channels - 1  # minus background
+
+    @property
+    def class_channels(self) -> int:
+        return self.model.roi_heads.box_predictor.cls_score.out_features
+
+    def class_weights_convention(self) -> str:
+        c = self.class_channels
+        return (
+            f"the student's {type(self.model).__name__} RoI head has {c} class channels with background on "
+            f"channel 0: give {c - 1} weights, one per label 1..{c - 1}"
+        )
 
     def anchor_signature(self) -> tuple:
         generator = self.model.rpn.anchor_generator

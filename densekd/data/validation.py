@@ -7,8 +7,9 @@ clear :class:`BadDatasetError` naming the file, the record and the fix.
 Two kinds of problem:
 
 * **structural** (always an error): the file is missing or not JSON, the top level is not an
-  object, ``images`` / ``annotations`` / ``categories`` is missing or not a list, a category
-  has no integer id or name, or two categories share an id (classes define the model).
+  object, ``images`` / ``annotations`` / ``categories`` is missing or not a list, ``categories``
+  is empty, a category has no integer id or name, or two categories share an id (classes
+  define the model).
 * **bad records** (an error, or dropped with ``skip_bad=True``):
 
   - images: not an object, no integer ``id``, an id shared by several images (all of them
@@ -159,6 +160,11 @@ def read_annotation_document(annotation_file: Path) -> Dict[str, Any]:
 
 def _check_categories(annotation_file: Path, categories: List[Any]) -> None:
     """Categories define the classes: any problem is fatal (skip_bad cannot guess the classes)."""
+    if not categories:
+        raise BadDatasetError(
+            f"{annotation_file}: 'categories' is empty, so there is no class to train or evaluate; list the classes, "
+            'e.g. "categories": [{"id": 1, "name": "cat"}, ...] (categories define the classes, so skip_bad cannot fix this).'
+        )
     seen = set()
     for index, category in enumerate(categories):
         where = f"{annotation_file}: categories[{index}]"

@@ -96,6 +96,18 @@ def test_duplicate_category_ids_stop_even_with_skip_bad(tmp_path):
         assert "category id 1 is used by more than one category" in message and "skip_bad cannot fix" in message
 
 
+@pytest.mark.parametrize("with_annotations", [True, False], ids=["annotations", "no_annotations"])
+def test_empty_categories_stop_even_with_skip_bad(tmp_path, with_annotations):
+    fixture = tiny_coco(tmp_path)
+    fixture.document["categories"] = []
+    if not with_annotations:
+        fixture.document["annotations"] = []
+    fixture.write()
+    for skip_bad in (False, True):
+        message = _error(fixture, skip_bad=skip_bad)
+        assert f"{fixture.annotation_file}: 'categories' is empty" in message and "list the classes" in message
+
+
 def test_annotation_of_an_unknown_image(tmp_path):
     fixture = tiny_coco(tmp_path)
     fixture.annotation(3)["image_id"] = 99

@@ -299,3 +299,10 @@ def test_other_construction_errors():
     SegmentationDistiller(student, build_deeplabv3_mobilenet(aux=False), [Term("hint", "features", levels=["high"])])
     with pytest.raises(ValueError, match="at least one teacher"):
         SegmentationDistiller(student, [], [])
+
+
+def test_a_wrapped_segmentation_student_is_refused_with_the_fix():
+    fix = r"wrapped in DataParallel; pass the plain FCN.*wrap the distiller instead, e\.g\. model = DistributedDataParallel\(distiller\)"
+    for build in (Distiller, SegmentationDistiller):
+        with pytest.raises(ValueError, match=fix):
+            build(torch.nn.DataParallel(build_fcn()), build_fcn(), [Term("pixel_kl", "seg_logits")])

@@ -1,5 +1,6 @@
-"""tools/train_det.py refuses, before anything trains, an output folder it cannot use and
-teacher checkpoints that are missing or list the dataset's categories in another order."""
+"""tools/train_det.py refuses, before anything trains, an output folder it cannot use, teacher
+checkpoints that are missing or list the dataset's categories in another order, and a training
+set that fills no batch."""
 import collections
 import importlib.util
 import json
@@ -10,7 +11,9 @@ import torch
 
 import densekd.output_checks as output_checks
 from densekd.categories import write_categories
-from densekd.data import SyntheticConfig, generate_synthetic_dataset
+from densekd.config import load_experiment_config
+from densekd.data import BadDatasetError, SyntheticConfig, generate_synthetic_dataset
+from densekd.experiment import DataFiles
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -97,3 +100,24 @@ def test_unusable_output_folder_is_refused_before_the_teacher_trains(tmp_path, r
     assert f"Not enough free space in {tmp_path / 'out'}: this run's checkpoints and weights need about" in error
     assert "only 976.6 KiB (1000000 bytes) are free" in error
     assert nothing_trained(tmp_path)
+
+
+def test_a_training_set_smaller_than_one_batch_is_refused_before_the_teacher_trains(tmp_path, run, paths, capsys):
+    assert run("--output", str(tmp_path / "out"), "--set", "data.batch_size=12") == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error
+    assert (f"train_det: {paths.train_ann}: the training set has 8 image(s), 8 sample(s) per epoch: not one full batch "
+            "of data.batch_size=12") in error  # fmt: skip
+    assert "set data.batch_size to at most 8 (--set data.batch_size=8), or add training images." in error
+    assert nothing_trained(tmp_path)
+
+
+def test_training_set_check_counts_samples_per_process(paths):
+    from densekd.experiment import check_training_set
+
+    files = DataFiles(paths.train_ann, paths.train_images, paths.val_ann, paths.val_images, "test")
+    config = load_experiment_config(None, ["data.dataset=coco", "data.batch_size=8"])
+    check_training_set(config, files)  # 8 images fill one batch of 8
+    with pytest.raises(BadDatasetError, match=r"8 image\(s\), 4 sample\(s\) per epoch on each of 2 processes.*"
+                                              r"at most 4 \(--set data.batch_size=4\) or use fewer processes"):  # fmt: skip
+        check_training_set(config, files, rank=1, world_size=2)
