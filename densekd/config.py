@@ -467,7 +467,7 @@ def load_experiment_config(
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 _MODEL_KEYS = {
-    "architecture": str, "backbone": str, "fpn_channels": int, "head_convs": int,  # detection
+    "architecture": str, "backbone": str, "fpn_channels": int, "head_convs": int, "box_bias_init": (int, float),  # detection
     "aspp_channels": int, "atrous_rates": list, "aux": bool, "inter_channels": int,  # segmentation
 }  # fmt: skip
 

@@ -43,6 +43,7 @@ def _fcos(
     num_classes: int,
     image_size: int,
     head_convs: int,
+    box_bias_init: float = 0.0,
 ) -> FCOS:
     backbone = BackboneWithFPN(
         backbone_body,
@@ -56,6 +57,11 @@ def _fcos(
     # 1..K need K + 1 sigmoid channels; channel 0 is never a positive (as in torchvision's
     # COCO FCOS, num_classes=91 for labels 1..90).
     head = FCOSHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes + 1, num_convs=head_convs)
+    # The box regression passes through a ReLU; with torchvision's zero bias its outputs start near 0,
+    # so every box starts near zero size, GIoU gives almost no gradient on large boxes, and the ReLU can
+    # die within tens of iterations (seen on 256-px photos). A positive bias starts each box at about
+    # its anchor's size, with every output alive.
+    nn.init.constant_(head.regression_head.bbox_reg.bias, box_bias_init)
     return FCOS(
         backbone,
         num_classes=num_classes + 1,
@@ -71,12 +77,23 @@ _BACKBONES = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
 _STAGE_CHANNELS = {"resnet18": (128, 256, 512), "resnet34": (128, 256, 512), "resnet50": (512, 1024, 2048)}
 
 
-def fcos_fpn(num_classes: int, image_size: int, backbone: str = "resnet18", fpn_channels: int = 64, head_convs: int = 2) -> FCOS:
-    """FCOS on a ResNet body (from scratch) with an FPN over P3-P7 and a GroupNorm head."""
+def fcos_fpn(
+    num_classes: int,
+    image_size: int,
+    backbone: str = "resnet18",
+    fpn_channels: int = 64,
+    head_convs: int = 2,
+    box_bias_init: float = 0.0,
+) -> FCOS:
+    """FCOS on a ResNet body (from scratch) with an FPN over P3-P7 and a GroupNorm head.
+
+    ``box_bias_init``: initial bias of the box-regression output (torchvision: 0). A value such
+    as 1.0 starts every box at about its anchor's size, which keeps the regression's ReLU alive
+    when training from scratch on large images with large boxes."""
     if backbone not in _BACKBONES:
         raise ValueError(f"Unknown FCOS backbone {backbone!r}; valid: {', '.join(_BACKBONES)}.")
     body = _BACKBONES[backbone](weights=None)
-    return _fcos(body, _STAGE_CHANNELS[backbone], fpn_channels, num_classes, image_size, head_convs)
+    return _fcos(body, _STAGE_CHANNELS[backbone], fpn_channels, num_classes, image_size, head_convs, box_bias_init)
 
 
 #: architectures that ``configs/models/<name>.yaml`` files instantiate

@@ -43,6 +43,21 @@ def test_student_head_has_one_channel_per_label_and_reloads_strictly():
     again.load_state_dict(student.state_dict(), strict=True)
 
 
+def test_box_bias_init_starts_boxes_at_anchor_size_and_keeps_the_regression_alive():
+    plain = build_detector("fcos_resnet18_fpn64", num_classes=3, image_size=64)
+    assert torch.equal(plain.head.regression_head.bbox_reg.bias, torch.zeros(4))  # torchvision's init
+    photo = build_detector("fcos_resnet18_fpn64_box1", num_classes=3, image_size=64)
+    assert torch.equal(photo.head.regression_head.bbox_reg.bias, torch.ones(4))
+    outputs = []
+    photo.head.regression_head.register_forward_hook(lambda module, args, out: outputs.append(out[0]))
+    photo.eval()
+    with torch.no_grad():
+        photo([torch.rand(3, 64, 64)])
+    assert bool((outputs[0] > 0).all())  # (N, HWA, 4) after the ReLU: every output alive at the start
+    # same parameters as the plain architecture: the student is still a plain torchvision FCOS
+    assert plain.state_dict().keys() == photo.state_dict().keys()
+
+
 def test_warmup_cosine_shape():
     factor = warmup_cosine(iterations=100, warmup_iters=10)
     assert factor(0) == pytest.approx(1 / 11)
