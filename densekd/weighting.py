@@ -83,7 +83,7 @@ def lvis_frequency_groups(image_counts: Sequence[int]) -> list:
     Gupta et al. 2019, "LVIS: A Dataset for Large Vocabulary Instance Segmentation".
     Thresholds are :data:`FREQUENCY_THRESHOLDS`.
     """
-    return lvis_frequency_of_counts(_as_counts(image_counts, "image_counts").long().tolist())
+    return lvis_frequency_of_counts(_as_counts(image_counts, "image_counts").tolist())
 
 
 # ---------------------------------------------------------------------------

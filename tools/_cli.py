@@ -114,13 +114,13 @@ def frequency_summary(frequencies: dict[int, str], dataset) -> str:
     return "; ".join(f"{g}: {', '.join(members) if members else '-'}" for g, members in groups.items())
 
 
-def format_gain(value: float) -> str:
+def format_percent_gain(value: float) -> str:
     """A gain in percent points, ``-`` when undefined (e.g. APr with no rare category)."""
     return "-" if not math.isfinite(value) else f"{100 * value:+.1f}"
 
 
 def print_gain_and_timings(gain: dict[str, float], timings: dict[str, float]) -> None:
-    print("\ndistilled vs baseline: " + ", ".join(f"{m} {format_gain(g)}" for m, g in gain.items()))
+    print("\ndistilled vs baseline: " + ", ".join(f"{m} {format_percent_gain(g)}" for m, g in gain.items()))
     print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
 
 

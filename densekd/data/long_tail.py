@@ -30,7 +30,7 @@ FREQUENCY_THRESHOLDS: Tuple[int, int] = (10, 100)  # rare <= 10 images, common <
 LVIS_FREQUENCIES: Tuple[str, str, str] = ("r", "c", "f")
 
 
-def lvis_frequency(image_count: int) -> str:
+def lvis_frequency(image_count: float) -> str:
     """``'r'``, ``'c'`` or ``'f'`` for a category seen in ``image_count`` training images."""
     if image_count < 0:
         raise ValueError(f"image_count must be >= 0, got {image_count}")
@@ -40,7 +40,7 @@ def lvis_frequency(image_count: int) -> str:
 
 def lvis_frequency_of_counts(image_counts: Sequence[int]) -> List[str]:
     """(K,) training-image counts -> (K,) groups, e.g. ``[3, 40, 500] -> ['r', 'c', 'f']``."""
-    return [lvis_frequency(int(count)) for count in image_counts]
+    return [lvis_frequency(float(count)) for count in image_counts]
 
 
 def _image_label_indices(image_labels: Sequence[Sequence[int]], num_classes: int, first_label: int) -> list:
