@@ -1,21 +1,21 @@
 """densekd: knowledge distillation for torchvision detection and segmentation models."""
 from .adapters import SegmentationAdapter, adapter_for, is_segmentation_model
-from .connectors import FeatureConnector
-from .distiller import Distiller
-from .outputs import DenseOutputs, SegmentationOutputs
-from .parameter_groups import weight_decay_groups
-from .segmentation_distiller import SegmentationDistiller
-from .segmentation_training import SegmentationTraining
-from .schedules import Constant, Cosine, Linear, Step, build_schedule
-from .taps import Tap
-from .terms import LOSSES_BY_OUTPUT, Term
-from .weighting import (
+from .core.connectors import FeatureConnector
+from .core.outputs import DenseOutputs, SegmentationOutputs
+from .core.parameter_groups import weight_decay_groups
+from .core.schedules import Constant, Cosine, Linear, Step, build_schedule
+from .core.taps import Tap
+from .core.terms import LOSSES_BY_OUTPUT, Term
+from .core.weighting import (
     class_weights,
     lvis_frequency_groups,
     per_class_temperature,
     repeat_factors,
     segmentation_class_counts,
 )
+from .detection.distiller import Distiller
+from .segmentation.distiller import SegmentationDistiller
+from .segmentation.trainer import SegmentationTraining
 
 __all__ = [
     "Constant",

@@ -13,9 +13,9 @@ from typing import Callable
 
 import torch
 
-from densekd.config import ConfigError
-from densekd.engine import COCO_COLUMNS, LVIS_COLUMNS, TrainingInterrupted
-from densekd.evaluation import format_metrics_table
+from densekd.evaluation import COCO_COLUMNS, LVIS_COLUMNS, format_metrics_table
+from densekd.experiment.config import ConfigError
+from densekd.training import TrainingInterrupted
 
 # --quick: the same pipeline on a tiny dataset and budget, for smoke tests (little signal).
 QUICK_OVERRIDES = [

@@ -85,20 +85,13 @@ if str(TOOLS) not in sys.path:  # train_det's quick settings, also when this fil
 from train_det import QUICK_OVERRIDES, jsonable  # noqa: E402
 
 from densekd._names import did_you_mean  # noqa: E402
-from densekd.config import (  # noqa: E402
-    RECIPES_DIR,
-    ConfigError,
-    ExperimentConfig,
-    load_experiment_config,
-    parse_overrides,
-    read_yaml,
-)
 from densekd.data import CocoDetectionDataset, collate_detection  # noqa: E402
-from densekd.engine import TrainingInterrupted, evaluate  # noqa: E402
+from densekd.detection.experiment import DETECTION  # noqa: E402
 from densekd.evaluation import (  # noqa: E402
     SIGNIFICANCE_FACTOR,
     PairedGain,
     SeedSummary,
+    evaluate,  # noqa: E402
     format_gain,
     format_mean_std,
     paired_gain,
@@ -106,7 +99,16 @@ from densekd.evaluation import (  # noqa: E402
     plot_per_class_ap,
     seed_summary,
 )
-from densekd.experiment import DataFiles, data_files, prepare_teachers, train_student  # noqa: E402
+from densekd.experiment.config import (  # noqa: E402
+    RECIPES_DIR,
+    ConfigError,
+    ExperimentConfig,
+    load_experiment_config,
+    parse_overrides,
+    read_yaml,
+)
+from densekd.experiment.phases import DataFiles, data_files, prepare_teachers, train_student  # noqa: E402
+from densekd.training import TrainingInterrupted  # noqa: E402
 
 DEFAULT_CONFIG = TOOLS.parent / "configs" / "experiments" / "demo.yaml"
 BASELINE = "baseline"
@@ -398,7 +400,7 @@ class Workbench:
         if key not in self._teachers:
             started = time.perf_counter()
             config = dataclasses.replace(self.teacher_config, extra_teachers=list(extra))
-            self._teachers[key] = prepare_teachers(config, self.files, self.num_classes)
+            self._teachers[key] = prepare_teachers(config, self.files, self.num_classes, task=DETECTION)
             self.teacher_seconds += time.perf_counter() - started
         return self._teachers[key]
 
@@ -437,7 +439,7 @@ class Workbench:
             teachers = self.teachers(run.config.extra_teachers)[0] if uses_teachers(run.config) else None
             if run.config.distill is not None and teachers is None:
                 teachers = []  # self-distillation: the student's own EMA is the teacher
-            student, summary = train_student(run.config, self.files, self.num_classes, teachers, work, "student", resume=True)
+            student, summary = train_student(run.config, self.files, self.num_classes, teachers, work, "student", resume=True, task=DETECTION)
             record.update(self.evaluate(student))
             record.update(train_seconds=summary["seconds"], final_losses=summary["final_losses"])
         except TrainingInterrupted:

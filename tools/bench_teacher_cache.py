@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from densekd import Distiller
-from densekd.config import build_terms, load_experiment_config, parse_distillation_config
 from densekd.data import CocoDetectionDataset, SyntheticConfig, collate_detection, ensure_synthetic_dataset
-from densekd.models import build_detector
-from densekd.teacher_cache import teacher_caches_for
+from densekd.detection.models import build_detector
+from densekd.detection.teacher_cache import teacher_caches_for
+from densekd.experiment.config import build_terms, load_experiment_config, parse_distillation_config
 
 MODES = ("plain", "online", "offline")
 

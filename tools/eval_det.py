@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from densekd.categories import categories_path, check_categories
-from densekd.config import ConfigError, load_experiment_config
 from densekd.data import CocoDetectionDataset, collate_detection
-from densekd.engine import evaluate
-from densekd.evaluation import save_results
-from densekd.experiment import data_files
-from densekd.models import build_detector, load_weights
+from densekd.data.categories import categories_path, check_categories
+from densekd.detection.models import build_detector
+from densekd.evaluation import evaluate, save_results
+from densekd.experiment.config import ConfigError, load_experiment_config
+from densekd.experiment.phases import data_files
+from densekd.training.checkpoints import load_weights
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))

@@ -28,15 +28,16 @@ from pathlib import Path
 
 import torch
 
-from densekd.categories import CategoryOrderError, categories_path, check_categories, write_categories
-from densekd.config import ConfigError, ExperimentConfig, load_experiment_config
 from densekd.data import BadDatasetError, CocoDetectionDataset, collate_detection
-from densekd.engine import evaluate, init_distributed, is_main_process, save_checkpoint
-from densekd.evaluation import plot_per_class_ap, save_results
-from densekd.experiment import check_training_set, data_files, prepare_teachers, train_student
-from densekd.models import CheckpointLoadError, build_detector
-from densekd.nonfinite import NonFiniteTrainingError
-from densekd.output_checks import (
+from densekd.data.categories import CategoryOrderError, categories_path, check_categories, write_categories
+from densekd.detection.experiment import DETECTION
+from densekd.detection.models import build_detector
+from densekd.evaluation import evaluate, plot_per_class_ap, save_results
+from densekd.experiment.config import ConfigError, ExperimentConfig, load_experiment_config
+from densekd.experiment.phases import check_training_set, data_files, prepare_teachers, train_student
+from densekd.training import CheckpointLoadError, init_distributed, is_main_process, save_checkpoint
+from densekd.training.nonfinite import NonFiniteTrainingError
+from densekd.training.output_folder import (
     CheckpointWriteError,
     OutputFolderError,
     bytes_needed,
@@ -155,13 +156,15 @@ def run(args: argparse.Namespace) -> int:
               f"{train_counts.frequency_source}: {frequency_summary(frequencies, val_set)}", flush=True)  # fmt: skip
     timings["data"] = time.perf_counter() - t
     check_model_checkpoints(config, val_set, main)
-    check_training_set(config, files, rank, world_size)  # at least one full batch, before any phase trains
+    check_training_set(config, files, rank, world_size, task=DETECTION)  # at least one full batch, before any phase trains
     if main:
         needed = bytes_needed(planned_outputs(config, num_classes, output))
         check_output_folder(output, needed, "this run's checkpoints and weights")
 
     t = time.perf_counter()
-    teachers, teacher_info = prepare_teachers(config, files, num_classes, rank, world_size, retrain=args.retrain_teacher)
+    teachers, teacher_info = prepare_teachers(
+        config, files, num_classes, rank, world_size, retrain=args.retrain_teacher, task=DETECTION
+    )
     timings["teacher"] = time.perf_counter() - t
     if main:
         write_category_sidecars([Path(info["cache"]) / "teacher.ckpt" for info in teacher_info if "cache" in info], val_set)
@@ -174,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         if main:
             print(f"[{name}] training {config.student.name} for {config.optim.iterations} iterations", flush=True)
         students[name], summaries[name] = train_student(
-            config, files, num_classes, phase_teachers, output, name, args.resume, rank, world_size
+            config, files, num_classes, phase_teachers, output, name, args.resume, rank, world_size, task=DETECTION
         )
         if main:
             save_checkpoint(output / f"student_{name}.pth", students[name].state_dict())

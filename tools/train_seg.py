@@ -51,16 +51,20 @@ import sys
 import time
 from pathlib import Path
 
-from densekd.config import ConfigError, load_experiment_config
+from densekd.core.weighting import lvis_frequency_groups
 from densekd.data import BadDatasetError
-from densekd.engine import init_distributed, is_main_process, save_checkpoint
 from densekd.evaluation import evaluate_segmentation, format_per_class_iou, group_mean_iou, plot_per_class_iou
-from densekd.experiment import check_training_set, prepare_teachers, train_student
-from densekd.models import CheckpointLoadError
-from densekd.nonfinite import NonFiniteTrainingError
-from densekd.output_checks import CheckpointWriteError, OutputFolderError
-from densekd.segmentation_experiment import SEGMENTATION, segmentation_data_files, segmentation_dataset, validation_loader
-from densekd.weighting import lvis_frequency_groups
+from densekd.experiment.config import ConfigError, load_experiment_config
+from densekd.experiment.phases import check_training_set, prepare_teachers, train_student
+from densekd.segmentation.experiment import (
+    SEGMENTATION,
+    segmentation_data_files,
+    segmentation_dataset,
+    validation_loader,
+)
+from densekd.training import CheckpointLoadError, init_distributed, is_main_process, save_checkpoint
+from densekd.training.nonfinite import NonFiniteTrainingError
+from densekd.training.output_folder import CheckpointWriteError, OutputFolderError
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "tools") not in sys.path:  # the shared CLI parts, also when this file is imported

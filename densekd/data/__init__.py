@@ -3,10 +3,18 @@ instances rendered to masks, mask folders), the embedded synthetic long-tail set
 albumentations pipelines, MixUp / CutMix and training samplers.
 
 ``densekd.data`` imports nothing from the rest of densekd except the leaf modules
-``densekd.weighting`` (repeat factors, for the samplers) and ``densekd._names`` (error wording).
+``densekd.core.weighting`` (repeat factors, for the samplers) and ``densekd._names`` (error wording).
 """
 
 from densekd.data.coco import CocoDetectionDataset, collate_detection
+from densekd.data.long_tail import (
+    FREQUENCY_THRESHOLDS,
+    LVIS_FREQUENCIES,
+    class_counts_from_labels,
+    lvis_frequency,
+    lvis_frequency_of_counts,
+    repeat_factors,
+)
 from densekd.data.mixing import MixedDetectionDataset, cutmix, mixup
 from densekd.data.samplers import (
     SAMPLERS,
@@ -43,14 +51,6 @@ from densekd.data.synthetic import (
     render_image,
     train_image_targets,
     val_image_targets,
-)
-from densekd.data.long_tail import (
-    FREQUENCY_THRESHOLDS,
-    LVIS_FREQUENCIES,
-    class_counts_from_labels,
-    lvis_frequency,
-    lvis_frequency_of_counts,
-    repeat_factors,
 )
 from densekd.data.transforms import DetectionTransform, build_detection_transforms
 from densekd.data.validation import BadDatasetError, DatasetFileNotFoundError, DatasetReport, validate_coco_file

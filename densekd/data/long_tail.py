@@ -2,7 +2,7 @@
 repeat factors.
 
 They describe data, not distillation, so the samplers, the evaluation and the class weights of
-:mod:`densekd.weighting` all read them from here.
+:mod:`densekd.core.weighting` all read them from here.
 
 LVIS (Gupta et al. 2019, sec. 3) splits categories by the number of *training images* that
 contain them: rare <= 10, common 11..100, frequent > 100. Evaluation reports AP per group

@@ -16,6 +16,7 @@ from densekd.evaluation.coco_metrics import (
     frequency_group_ap,
 )
 from densekd.evaluation.detections import save_results, to_coco_results
+from densekd.evaluation.detector import COCO_COLUMNS, LVIS_COLUMNS, evaluate
 from densekd.evaluation.gains import (
     SIGNIFICANCE_FACTOR,
     PairedGain,
@@ -36,14 +37,17 @@ from densekd.evaluation.segmentation import (
 
 __all__ = [
     "BACKENDS",
+    "COCO_COLUMNS",
     "ConfusionMatrix",
     "COCO_METRIC_NAMES",
     "IOU_TYPES",
+    "LVIS_COLUMNS",
     "LVIS_FREQUENCIES",
     "LVIS_METRIC_NAMES",
     "PairedGain",
     "SIGNIFICANCE_FACTOR",
     "SeedSummary",
+    "evaluate",
     "evaluate_coco",
     "evaluate_lvis_style",
     "format_gain",

@@ -38,7 +38,7 @@ def pixel_class_weights(
 
     Args:
         target: (N, H, W) int64 ground-truth classes 0..K-1 (or ``ignore_index``).
-        class_weights: (K,) non-negative weights, e.g. ``densekd.weighting.class_weights``.
+        class_weights: (K,) non-negative weights, e.g. ``densekd.core.weighting.class_weights``.
         ignore_index: the label of ignored pixels (None: no pixel is ignored).
     """
     class_weights = torch.as_tensor(class_weights, device=target.device)

@@ -2,10 +2,10 @@
 balance_iters steps, frozen after them, and resumed with the distiller's state."""
 import pytest
 import torch
+from tiny_detectors import build_fcos, make_batch
 
 from densekd import Distiller, Term
-from densekd.config import build_terms, parse_distillation_config
-from tiny_detectors import build_fcos, make_batch
+from densekd.experiment.config import build_terms, parse_distillation_config
 
 
 def _step(distiller, optimizer, seed):

@@ -12,16 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from broken_fixtures import SIZE, rle, tiny_coco
 from PIL import Image
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
 
-from broken_fixtures import SIZE, rle, tiny_coco
-from densekd.config import load_experiment_config
 from densekd.data import BadDatasetError, CocoDetectionDataset, collate_detection
-from densekd.experiment import DataFiles, training_data
+from densekd.detection.experiment import training_data
+from densekd.experiment.config import load_experiment_config
+from densekd.experiment.phases import DataFiles
 
 REPO = Path(__file__).resolve().parents[2]
 

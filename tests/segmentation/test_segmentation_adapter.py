@@ -3,11 +3,11 @@ teacher's submodules to exactly what its own forward returns."""
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_segmenters import BUILDERS, NUM_CLASSES, build_fcn, make_batch
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large, lraspp_mobilenet_v3_large
 
 from densekd import SegmentationAdapter, Tap, adapter_for, is_segmentation_model
-from densekd.adapters.segmentation import upsampled
-from tiny_segmenters import BUILDERS, NUM_CLASSES, build_fcn, make_batch
+from densekd.segmentation.adapter import upsampled
 
 
 def _forward(model, images, tapped: bool, seed: int = 3):

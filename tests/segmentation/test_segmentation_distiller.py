@@ -7,14 +7,22 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_segmenters import (
+    BUILDERS,
+    IGNORE,
+    NUM_CLASSES,
+    build_deeplabv3_mobilenet,
+    build_fcn,
+    build_lraspp,
+    make_batch,
+)
 
 from densekd import Distiller, SegmentationDistiller, Term, class_weights, segmentation_class_counts
-from densekd.config import build_terms, distiller_kwargs, load_distillation_config
+from densekd.core.outputs import SegmentationOutputs
+from densekd.core.weighting import per_class_temperature
+from densekd.experiment.config import build_terms, distiller_kwargs, load_distillation_config
 from densekd.losses import pixel_kl_kd
-from densekd.outputs import SegmentationOutputs
-from densekd.segmentation_pairs import SegmentationStepContext, fuse_over_positions, segmentation_term_loss
-from densekd.weighting import per_class_temperature
-from tiny_segmenters import BUILDERS, IGNORE, NUM_CLASSES, build_deeplabv3_mobilenet, build_fcn, build_lraspp, make_batch
+from densekd.segmentation.pairs import SegmentationStepContext, fuse_over_positions, segmentation_term_loss
 
 
 def _kd(losses):

@@ -3,10 +3,10 @@ label smoothing that ignores void pixels too, and clear errors on bad masks."""
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_segmenters import IGNORE, build_fcn, build_lraspp, make_batch
 
 from densekd import SegmentationTraining
-from densekd.segmentation_training import pixel_cross_entropy
-from tiny_segmenters import IGNORE, build_fcn, build_lraspp, make_batch
+from densekd.segmentation.trainer import pixel_cross_entropy
 
 
 def _frozen_randomness(model):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from densekd.evaluation import format_gain, paired_gain
-from densekd.experiment import DataFiles
+from densekd.experiment.phases import DataFiles
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "bench_recipes.py"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from densekd.models import build_detector
+from densekd.detection.models import build_detector
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = ("teacher", "baseline", "distilled")

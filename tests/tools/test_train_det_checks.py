@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import densekd.output_checks as output_checks
-from densekd.categories import write_categories
-from densekd.config import load_experiment_config
+import densekd.training.output_folder as output_checks
 from densekd.data import BadDatasetError, SyntheticConfig, generate_synthetic_dataset
-from densekd.experiment import DataFiles
+from densekd.data.categories import write_categories
+from densekd.experiment.config import load_experiment_config
+from densekd.experiment.phases import DataFiles
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -113,11 +113,12 @@ def test_a_training_set_smaller_than_one_batch_is_refused_before_the_teacher_tra
 
 
 def test_training_set_check_counts_samples_per_process(paths):
-    from densekd.experiment import check_training_set
+    from densekd.detection.experiment import DETECTION
+    from densekd.experiment.phases import check_training_set
 
     files = DataFiles(paths.train_ann, paths.train_images, paths.val_ann, paths.val_images, "test")
     config = load_experiment_config(None, ["data.dataset=coco", "data.batch_size=8"])
-    check_training_set(config, files)  # 8 images fill one batch of 8
+    check_training_set(config, files, task=DETECTION)  # 8 images fill one batch of 8
     with pytest.raises(BadDatasetError, match=r"8 image\(s\), 4 sample\(s\) per epoch on each of 2 processes.*"
                                               r"at most 4 \(--set data.batch_size=4\) or use fewer processes"):  # fmt: skip
-        check_training_set(config, files, rank=1, world_size=2)
+        check_training_set(config, files, rank=1, world_size=2, task=DETECTION)

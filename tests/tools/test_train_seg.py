@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from densekd.segmentation_models import build_segmenter
+from densekd.segmentation.models import build_segmenter
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = ("teacher", "baseline", "distilled")
@@ -99,9 +99,9 @@ def test_mask_folder_and_teacher_checkpoint_from_the_command_line(tmp_path, monk
     assert report["config"]["data"]["dataset"] == "mask_folder"
     assert report["training"]["teachers"] == [{"checkpoint": str(tmp_path / "teacher.pth")}]
     # the scored teacher is the checkpoint: scoring it directly gives the same numbers
-    from densekd.config import load_experiment_config
     from densekd.evaluation import evaluate_segmentation
-    from densekd.segmentation_experiment import segmentation_data_files, validation_loader
+    from densekd.experiment.config import load_experiment_config
+    from densekd.segmentation.experiment import segmentation_data_files, validation_loader
 
     config = load_experiment_config(train_seg.DEFAULT_CONFIG, ["data.dataset=mask_folder", f"data.mask_root={tmp_path / 'data'}", *tiny])
     metrics, _ = evaluate_segmentation(teacher, validation_loader(segmentation_data_files(config)), 3)

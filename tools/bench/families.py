@@ -23,7 +23,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from densekd import Term
-from densekd.models import fcos_fpn
+from densekd.detection.models import fcos_fpn
 
 from . import segmentation
 from .internals import DetectionInternals, SegmentationInternals
@@ -112,7 +112,7 @@ def build_retinanet(spec: ModelSpec, scale: Scale) -> RetinaNet:
 
 
 def build_fcos(spec: ModelSpec, scale: Scale) -> nn.Module:
-    """The demo's FCOS (densekd.models.fcos_fpn)."""
+    """The demo's FCOS (densekd.detection.models.fcos_fpn)."""
     return fcos_fpn(NUM_CLASSES, scale.image_size, backbone=spec.body, fpn_channels=spec.fpn_channels, head_convs=spec.head_convs)
 
 

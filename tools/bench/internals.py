@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from densekd import Tap, adapter_for
-from densekd.pairs import StepContext, term_loss
-from densekd.segmentation_pairs import SegmentationStepContext, segmentation_term_loss
-from densekd.segmentation_training import check_masks
+from densekd.detection.pairs import StepContext, term_loss
+from densekd.segmentation.pairs import SegmentationStepContext, segmentation_term_loss
+from densekd.segmentation.trainer import check_masks
 
 if TYPE_CHECKING:
     from .workload import Workload

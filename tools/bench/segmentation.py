@@ -1,6 +1,6 @@
 """The segmentation family of tools/bench_overhead.py: DeepLabV3 with an FCN auxiliary head on
 the detection families' bodies (ResNet-34 teacher, ResNet-18 student, built from scratch by
-densekd.segmentation_models), the ModelSpec's FPN width serving as the ASPP width.
+densekd.segmentation.models), the ModelSpec's FPN width serving as the ASPP width.
 
 Segmentation models take one (N, 3, H, W) tensor and (N, H, W) class masks, and have no
 internal transform, so the teacher sees the student's input tensor itself.
@@ -11,13 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from densekd import Term
-from densekd.segmentation_models import deeplabv3
-from densekd.segmentation_training import segmentation_losses
+from densekd.segmentation.models import deeplabv3
+from densekd.segmentation.trainer import segmentation_losses
 
 from .internals import IGNORE_INDEX
 
 NUM_CLASSES = 12  # as the detection families: background at 0 and labels 1..12 -> 13 channels
-OUTPUT_STRIDE = 16  # ResNet-18/34 with layer4 at stride 1 (densekd.segmentation_models.deeplabv3)
+OUTPUT_STRIDE = 16  # ResNet-18/34 with layer4 at stride 1 (densekd.segmentation.models.deeplabv3)
 
 
 def build_deeplabv3(spec, scale) -> nn.Module:

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from densekd import Distiller
-from densekd.precision import outputs_in, teacher_autocast
+from densekd.core.precision import outputs_in, teacher_autocast
+from densekd.training.step import to_device
 
 from .families import Family, Scale
 
@@ -31,7 +32,7 @@ class Workload:
         self.teacher = family.build(scale.teacher, scale).to(device=device, dtype=teacher_dtype).eval()
         self.student = family.build(scale.student, scale).to(device)
         images, targets = family.batch(scale, seed)
-        self.images, self.targets = _to_device(images, device), _to_device(targets, device)
+        self.images, self.targets = to_device(images, device), to_device(targets, device)
         self.student_optimizer = torch.optim.SGD(self.student.parameters(), lr=LEARNING_RATE, momentum=0.9)
         # Modes are set once, as a training loop does: the student trains, the teacher stays in
         # eval mode (the distillers keep it there).
@@ -73,15 +74,6 @@ class Workload:
     def parameters_millions(self) -> dict[str, float]:
         count = lambda model: sum(p.numel() for p in model.parameters()) / 1e6
         return {"teacher": count(self.teacher), "student": count(self.student)}
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    """A batch's tensors (in lists and dicts: detection; bare: segmentation) on ``device``."""
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {key: _to_device(value, device) for key, value in batch.items()}
-    return [_to_device(item, device) for item in batch]
 
 
 def _optimizer_step(losses: dict[str, Tensor], optimizer: torch.optim.Optimizer) -> None:
