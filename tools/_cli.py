@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from densekd.data import ConvertedDataset, voc_to_coco, yolo_to_coco
 from densekd.evaluation import COCO_COLUMNS, LVIS_COLUMNS, format_metrics_table
 from densekd.experiment.config import ConfigError
 from densekd.training import TrainingInterrupted
@@ -28,6 +29,7 @@ QUICK_OVERRIDES = [
     "checkpoint_every=10",
 ]
 REAL_DATA_FLAGS = "--train-ann, --train-images, --val-ann, --val-images"
+DATA_FORMATS = ("coco", "yolo", "voc")
 
 
 def tool_parser(doc: str) -> argparse.ArgumentParser:
@@ -57,6 +59,71 @@ def add_run_arguments(parser: argparse.ArgumentParser, output: str, threads: int
     parser.add_argument("--resume", action="store_true", help="continue the phases checkpointed in --output")
     parser.add_argument("--retrain-teacher", action="store_true", help="ignore a cached teacher")
     parser.add_argument("--threads", type=int, default=threads, help=threads_help)
+
+
+def add_format_arguments(parser: argparse.ArgumentParser) -> None:
+    """--data-format and, for YOLO and Pascal VOC data, --data-root, --train-split, --val-split and
+    --class-names (the detection tools; segmentation reads COCO files only)."""
+    group = parser.add_argument_group(
+        "YOLO and Pascal VOC data",
+        "--data-format yolo|voc reads two splits of --data-root, converts them to COCO-format files\n"
+        "(in $DENSEKD_CACHE/converted, reused while the data is unchanged) and uses those instead of\n"
+        "--train-ann/--val-ann; the validation split takes the training split's classes. Examples:\n"
+        "  --data-format yolo --data-root datasets/coco8   (images/train, images/val, data.yaml)\n"
+        "  --data-format voc --data-root VOCdevkit/VOC2007 --train-split trainval --val-split test",
+    )
+    group.add_argument("--data-format", choices=DATA_FORMATS, default="coco",
+                       help="coco (default): the --train-ann/--val-ann files; yolo or voc: the folder --data-root")  # fmt: skip
+    group.add_argument("--data-root", metavar="ROOT",
+                       help="yolo: the folder with images/<split>/, labels/<split>/ and data.yaml (or classes.txt); "
+                            "voc: the folder with Annotations/, JPEGImages/ and ImageSets/Main/<split>.txt, "
+                            "e.g. VOCdevkit/VOC2007")  # fmt: skip
+    group.add_argument("--train-split", default="train", metavar="SPLIT",
+                       help="yolo/voc: the training split: images/SPLIT/ or ImageSets/Main/SPLIT.txt (default: train)")  # fmt: skip
+    group.add_argument("--val-split", default="val", metavar="SPLIT", help="yolo/voc: the validation split (default: val)")
+    group.add_argument("--class-names", metavar="FILE",
+                       help="yolo/voc: class names, one per line, class 0 first (default: yolo data.yaml or classes.txt; "
+                            "voc the sorted names found in the training split)")  # fmt: skip
+
+
+def check_format_arguments(args: argparse.Namespace) -> None:
+    """The data flags given belong to --data-format: COCO files or a YOLO/VOC folder, not both."""
+    if args.data_format == "coco":
+        if args.data_root or args.class_names:
+            raise ConfigError("--data-root and --class-names are for --data-format yolo or voc; "
+                              f"COCO-format data is given by {REAL_DATA_FLAGS}.")  # fmt: skip
+        return
+    if not args.data_root:
+        raise ConfigError(f"--data-format {args.data_format} needs --data-root (with --train-split and --val-split, "
+                          "default train and val).")  # fmt: skip
+    given = [flag for flag in ("train_ann", "train_images", "val_ann", "val_images") if getattr(args, flag)]
+    if given:
+        flags = ", ".join("--" + flag.replace("_", "-") for flag in given)
+        raise ConfigError(f"{flags} name COCO-format files, but --data-format is {args.data_format}: give the dataset "
+                          "folder as --data-root and its splits as --train-split and --val-split.")  # fmt: skip
+
+
+def convert_splits(args: argparse.Namespace, skip_bad: bool) -> tuple[ConvertedDataset, ConvertedDataset]:
+    """--data-root's training and validation splits as COCO-format files; the validation split gets
+    the training split's classes, so that both number them alike."""
+    names = None
+    if args.class_names:
+        path = Path(args.class_names)
+        if not path.is_file():
+            raise FileNotFoundError(f"--class-names file not found: {path}; give a text file with one class name per line.")
+        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    root = Path(args.data_root)
+    if args.data_format == "yolo":
+        train = yolo_to_coco(root, args.train_split, names, skip_bad=skip_bad)
+        return train, yolo_to_coco(root, args.val_split, train.categories, skip_bad=skip_bad)
+    train = voc_to_coco(root, args.train_split, names, names_split=args.train_split, skip_bad=skip_bad)
+    return train, voc_to_coco(root, args.val_split, train.categories, skip_bad=skip_bad)
+
+
+def converted_overrides(train: ConvertedDataset, val: ConvertedDataset) -> list[str]:
+    """The config overrides that point data.* at converted splits (as the four COCO flags do)."""
+    return ["data.dataset=coco", f"data.train_ann={train.annotation_file}", f"data.train_images={train.image_dir}",
+            f"data.val_ann={val.annotation_file}", f"data.val_images={val.image_dir}"]  # fmt: skip
 
 
 def real_data_given(args: argparse.Namespace) -> bool:

@@ -2,6 +2,8 @@
 
     python tools/eval_det.py --ckpt runs/train_det/student_distilled.pth
     python tools/eval_det.py --config FILE --ckpt C.pth --val-ann B.json --val-images DIR [--model teacher]
+    python tools/eval_det.py --config FILE --ckpt C.pth --data-format voc --data-root VOCdevkit/VOC2007 \\
+        --train-split trainval --val-split test
 
 The model is built from the experiment config (its student by default), the weights are
 loaded with ``weights_only=True`` (a state_dict or a densekd training checkpoint), and the
@@ -28,6 +30,7 @@ from densekd.training.checkpoints import load_weights
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
+from _cli import add_format_arguments, check_format_arguments, convert_splits  # noqa: E402
 from train_det import DEFAULT_CONFIG, jsonable, results_table  # noqa: E402  (one table and JSON format for both tools)
 
 
@@ -45,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     parser.add_argument("--output", help="write metrics.json and detections.json here")
     parser.add_argument("--threads", type=int, default=2)
+    add_format_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -54,7 +58,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give both --val-ann and --val-images, or neither.")
     if bool(args.train_ann) != bool(args.train_images):
         raise ConfigError("give both --train-ann and --train-images, or neither.")
+    check_format_arguments(args)
     skip_bad = args.skip_bad or config.data.skip_bad
+    if args.data_format != "coco":  # the converted files stand in for the four COCO flags from here on
+        train_split, val_split = convert_splits(args, skip_bad)
+        args.train_ann, args.train_images = str(train_split.annotation_file), str(train_split.image_dir)
+        args.val_ann, args.val_images = str(val_split.annotation_file), str(val_split.image_dir)
     if args.val_ann:
         val_ann, val_images = Path(args.val_ann), Path(args.val_images)
     else:

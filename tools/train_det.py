@@ -6,6 +6,8 @@
     python tools/train_det.py --set distill.teacher_cache=true   # offline: teacher outputs cached once
     python tools/train_det.py --config FILE --train-ann A.json --train-images DIR \\
         --val-ann B.json --val-images DIR [--teacher-ckpt T.pth] [--output DIR] [--skip-bad]
+    python tools/train_det.py --data-format yolo --data-root DIR [--train-split train --val-split val]
+    python tools/train_det.py --data-format voc --data-root VOCdevkit/VOC2007 --train-split trainval --val-split test
     torchrun --nproc_per_node 2 tools/train_det.py ...   # data-parallel (gloo on CPU, nccl on GPU)
 
 It trains (or reuses from the cache) the teacher, trains a baseline and a distilled student
@@ -52,7 +54,11 @@ if str(REPO / "tools") not in sys.path:  # the shared CLI parts, also when this 
 from _cli import (  # noqa: E402
     QUICK_OVERRIDES,  # noqa: F401  (bench_recipes and eval_det import it, jsonable and results_table from here)
     add_data_arguments,
+    add_format_arguments,
     add_run_arguments,
+    check_format_arguments,
+    convert_splits,
+    converted_overrides,
     data_overrides,
     frequency_summary,
     jsonable,
@@ -75,10 +81,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                        "a recipe of configs/recipes/ (replaces the config's recipe)", "annotations")  # fmt: skip
     parser.add_argument("--skip-bad", action="store_true", help="drop bad images/annotations (reported) instead of stopping")
     add_run_arguments(parser, "runs/train_det", 2, "torch CPU threads per process")
+    add_format_arguments(parser)
     return parser.parse_args(argv)
 
 
 def overrides_from(args: argparse.Namespace) -> list[str]:
+    check_format_arguments(args)
     overrides = data_overrides(args, "real data")
     if args.skip_bad:
         overrides.append("data.skip_bad=true")
@@ -126,9 +134,20 @@ def write_category_sidecars(paths: list[Path], dataset: CocoDetectionDataset) ->
             write_categories(path, dataset.categories, ids)
 
 
-def run(args: argparse.Namespace) -> int:
+def experiment_config(args: argparse.Namespace) -> tuple[list[str], ExperimentConfig]:
+    """The overrides and the config they give. With --data-format yolo|voc the two splits are
+    converted first (dropping bad records if the config's data.skip_bad says so) and data.*
+    points at the COCO-format files, as --train-ann and the other COCO flags would."""
     overrides = overrides_from(args)
     config = load_experiment_config(args.config, overrides)
+    if args.data_format != "coco":
+        overrides += converted_overrides(*convert_splits(args, config.data.skip_bad))
+        config = load_experiment_config(args.config, overrides)
+    return overrides, config
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides, config = experiment_config(args)
     rank, world_size = init_distributed()
     main = is_main_process()
     output = Path(args.output)
@@ -144,6 +163,9 @@ def run(args: argparse.Namespace) -> int:
             f"batch {config.data.batch_size} x {world_size} process(es), {args.threads} threads",
             flush=True,
         )
+        if args.data_format != "coco":
+            print(f"{args.data_format} data {args.data_root} as COCO-format files: {args.train_split} -> "
+                  f"{config.data.train_ann}, {args.val_split} -> {config.data.val_ann}", flush=True)  # fmt: skip
 
     t = time.perf_counter()
     files = data_files(config)

@@ -1,12 +1,13 @@
-"""Datasets for densekd: COCO / LVIS-format detection data, semantic-segmentation data (COCO
-instances rendered to masks, mask folders), the embedded synthetic long-tail set,
-albumentations pipelines, MixUp / CutMix and training samplers.
+"""Datasets for densekd: COCO / LVIS-format detection data (YOLO txt folders and Pascal VOC XML
+converted to it), semantic-segmentation data (COCO instances rendered to masks, mask folders),
+the embedded synthetic long-tail set, albumentations pipelines, MixUp / CutMix and training samplers.
 
 ``densekd.data`` imports nothing from the rest of densekd except the leaf modules
 ``densekd.core.weighting`` (repeat factors, for the samplers) and ``densekd._names`` (error wording).
 """
 
 from densekd.data.coco import CocoDetectionDataset, collate_detection
+from densekd.data.conversion import ConvertedDataset
 from densekd.data.long_tail import (
     FREQUENCY_THRESHOLDS,
     LVIS_FREQUENCIES,
@@ -54,6 +55,8 @@ from densekd.data.synthetic import (
 )
 from densekd.data.transforms import DetectionTransform, build_detection_transforms
 from densekd.data.validation import BadDatasetError, DatasetFileNotFoundError, DatasetReport, validate_coco_file
+from densekd.data.voc import voc_class_names, voc_to_coco
+from densekd.data.yolo import yolo_class_names, yolo_to_coco
 
 __all__ = [
     "CocoDetectionDataset",
@@ -62,6 +65,11 @@ __all__ = [
     "DatasetFileNotFoundError",
     "DatasetReport",
     "validate_coco_file",
+    "ConvertedDataset",
+    "yolo_to_coco",
+    "yolo_class_names",
+    "voc_to_coco",
+    "voc_class_names",
     "DetectionTransform",
     "build_detection_transforms",
     "IGNORE_INDEX",

@@ -58,6 +58,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from densekd._cache import cache_root
+
 from .long_tail import lvis_frequency
 
 __all__ = [
@@ -618,9 +620,7 @@ def config_hash(config: SyntheticConfig) -> str:
 
 def default_synthetic_root() -> Path:
     """``$DENSEKD_CACHE/synthetic`` if ``DENSEKD_CACHE`` is set, else ``~/.cache/densekd/synthetic``."""
-    cache = os.environ.get("DENSEKD_CACHE")
-    base = Path(cache).expanduser() if cache else Path.home() / ".cache" / "densekd"
-    return base / "synthetic"
+    return cache_root() / "synthetic"
 
 
 def ensure_synthetic_dataset(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -26,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from .._cache import cache_root
 from ..data import BadDatasetError, SyntheticConfig, config_hash, ensure_synthetic_dataset
 from ..training import TrainingJob, run_training
 from .config import (
@@ -36,11 +36,6 @@ from .config import (
     distiller_kwargs,
     parse_distillation_config,
 )
-
-
-def cache_root() -> Path:
-    cache = os.environ.get("DENSEKD_CACHE")
-    return Path(cache).expanduser() if cache else Path.home() / ".cache" / "densekd"
 
 
 @dataclass
