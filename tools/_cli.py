@@ -1,5 +1,5 @@
 """What tools/train_det.py and tools/train_seg.py share: the flags both take, the config overrides
-those flags stand for, the teacher lines, the report's common fields, the JSON and table formats
+those flags stand for, the student phases, the teacher lines, the report's common fields, the JSON and table formats
 and the exit codes. Each tool declares only what differs (its help texts, defaults, extra flags)."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import math
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +17,8 @@ import torch
 from densekd.data import ConvertedDataset, voc_to_coco, yolo_to_coco
 from densekd.evaluation import COCO_COLUMNS, LVIS_COLUMNS, format_metrics_table
 from densekd.experiment.config import ConfigError
-from densekd.training import TrainingInterrupted
+from densekd.experiment.phases import Task, train_student
+from densekd.training import TrainingInterrupted, save_checkpoint
 
 # --quick: the same pipeline on a tiny dataset and budget, for smoke tests (little signal).
 QUICK_OVERRIDES = [
@@ -152,6 +154,31 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
     if args.teacher_weights:
         overrides.append(f"teacher.weights={args.teacher_weights}")
     return overrides + list(args.set)
+
+
+def train_students(
+    config, files, num_classes: int, teachers: list, output: Path, args: argparse.Namespace,
+    rank: int, world_size: int, task: Task, timings: dict[str, float],
+    after: Callable[[str, object, dict], None] = lambda name, student, summary: None,
+) -> tuple[dict, dict]:
+    """The baseline and the distilled student (self-distilled when the recipe says so), each
+    saved as a plain state_dict ``student_<name>.pth``; ``after(name, student, summary)`` runs
+    on the main process once a student is saved. Returns ``(students, summaries)`` by name."""
+    main = rank == 0
+    self_distilled = bool((config.distill or {}).get("self_distillation"))
+    students, summaries = {}, {}
+    for name, phase_teachers in (("baseline", None), ("distilled", [] if self_distilled else teachers)):
+        started = time.perf_counter()
+        if main:
+            print(f"[{name}] training {config.student.name} for {config.optim.iterations} iterations", flush=True)
+        students[name], summaries[name] = train_student(
+            config, files, num_classes, phase_teachers, output, name, args.resume, rank, world_size, task=task
+        )
+        if main:
+            save_checkpoint(output / f"student_{name}.pth", students[name].state_dict())
+            after(name, students[name], summaries[name])
+        timings[f"{name}_train"] = time.perf_counter() - started
+    return students, summaries
 
 
 def print_teacher_sources(teacher_info: list[dict]) -> None:

@@ -36,8 +36,8 @@ from densekd.detection.experiment import DETECTION
 from densekd.detection.models import build_detector
 from densekd.evaluation import evaluate, plot_per_class_ap, save_results
 from densekd.experiment.config import ConfigError, ExperimentConfig, load_experiment_config
-from densekd.experiment.phases import check_training_set, data_files, prepare_teachers, train_student
-from densekd.training import CheckpointLoadError, init_distributed, is_main_process, save_checkpoint
+from densekd.experiment.phases import check_training_set, data_files, prepare_teachers
+from densekd.training import CheckpointLoadError, init_distributed, is_main_process
 from densekd.training.nonfinite import NonFiniteTrainingError
 from densekd.training.output_folder import (
     CheckpointWriteError,
@@ -69,6 +69,7 @@ from _cli import (  # noqa: E402
     run_overrides,
     run_tool,
     tool_parser,
+    train_students,
 )
 
 DEFAULT_CONFIG = REPO / "configs" / "experiments" / "demo.yaml"
@@ -146,6 +147,13 @@ def experiment_config(args: argparse.Namespace) -> tuple[list[str], ExperimentCo
     return overrides, config
 
 
+def report_teacher_output_caches(name: str, summary: dict) -> None:
+    """One line per offline teacher-output cache the student trained from (distill.teacher_cache)."""
+    for cache in summary.get("teacher_cache", []):
+        how = f"built in {cache['build_seconds']:.1f} s" if cache["built_now"] else "reused"
+        print(f"[{name}] offline: teacher outputs {cache['folder']} ({cache['size_bytes'] / 1e6:.1f} MB, {how})", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     overrides, config = experiment_config(args)
     rank, world_size = init_distributed()
@@ -191,23 +199,14 @@ def run(args: argparse.Namespace) -> int:
     if main:
         write_category_sidecars([Path(info["cache"]) / "teacher.ckpt" for info in teacher_info if "cache" in info], val_set)
         print_teacher_sources(teacher_info)
-    self_distilled = bool((config.distill or {}).get("self_distillation"))
 
-    students, summaries = {}, {}
-    for name, phase_teachers in (("baseline", None), ("distilled", [] if self_distilled else teachers)):
-        t = time.perf_counter()
-        if main:
-            print(f"[{name}] training {config.student.name} for {config.optim.iterations} iterations", flush=True)
-        students[name], summaries[name] = train_student(
-            config, files, num_classes, phase_teachers, output, name, args.resume, rank, world_size, task=DETECTION
-        )
-        if main:
-            save_checkpoint(output / f"student_{name}.pth", students[name].state_dict())
-            for cache in summaries[name].get("teacher_cache", []):
-                how = f"built in {cache['build_seconds']:.1f} s" if cache["built_now"] else "reused"
-                print(f"[{name}] offline: teacher outputs {cache['folder']} ({cache['size_bytes'] / 1e6:.1f} MB, {how})", flush=True)
-            write_category_sidecars([output / f"student_{name}.pth", output / f"{name}.ckpt"], val_set)
-        timings[f"{name}_train"] = time.perf_counter() - t
+    def after_student(name: str, student, summary: dict) -> None:
+        report_teacher_output_caches(name, summary)
+        write_category_sidecars([output / f"student_{name}.pth", output / f"{name}.ckpt"], val_set)
+
+    students, summaries = train_students(
+        config, files, num_classes, teachers, output, args, rank, world_size, DETECTION, timings, after_student
+    )
     if not main:
         return 0
 

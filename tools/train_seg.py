@@ -55,14 +55,14 @@ from densekd.core.weighting import lvis_frequency_groups
 from densekd.data import BadDatasetError
 from densekd.evaluation import evaluate_segmentation, format_per_class_iou, group_mean_iou, plot_per_class_iou
 from densekd.experiment.config import ConfigError, load_experiment_config
-from densekd.experiment.phases import check_training_set, prepare_teachers, train_student
+from densekd.experiment.phases import check_training_set, prepare_teachers
 from densekd.segmentation.experiment import (
     SEGMENTATION,
     segmentation_data_files,
     segmentation_dataset,
     validation_loader,
 )
-from densekd.training import CheckpointLoadError, init_distributed, is_main_process, save_checkpoint
+from densekd.training import CheckpointLoadError, init_distributed, is_main_process
 from densekd.training.nonfinite import NonFiniteTrainingError
 from densekd.training.output_folder import CheckpointWriteError, OutputFolderError
 
@@ -82,6 +82,7 @@ from _cli import (  # noqa: E402  (one set of flags, one table and JSON format f
     run_overrides,
     run_tool,
     tool_parser,
+    train_students,
 )
 
 DEFAULT_CONFIG = REPO / "configs" / "experiments" / "seg_demo.yaml"
@@ -159,19 +160,7 @@ def run(args: argparse.Namespace) -> int:
     timings["teacher"] = time.perf_counter() - t
     if main:
         print_teacher_sources(teacher_info)
-    self_distilled = bool((config.distill or {}).get("self_distillation"))
-
-    students, summaries = {}, {}
-    for name, phase_teachers in (("baseline", None), ("distilled", [] if self_distilled else teachers)):
-        t = time.perf_counter()
-        if main:
-            print(f"[{name}] training {config.student.name} for {config.optim.iterations} iterations", flush=True)
-        students[name], summaries[name] = train_student(
-            config, files, num_classes, phase_teachers, output, name, args.resume, rank, world_size, task=SEGMENTATION
-        )
-        if main:
-            save_checkpoint(output / f"student_{name}.pth", students[name].state_dict())
-        timings[f"{name}_train"] = time.perf_counter() - t
+    students, summaries = train_students(config, files, num_classes, teachers, output, args, rank, world_size, SEGMENTATION, timings)
 
     loader = validation_loader(files, batch_size=16, rank=rank, world_size=world_size)  # every rank scores its shard
     class_groups = {label: group for label, group in enumerate(groups, start=1)}  # background (0) is in no group
