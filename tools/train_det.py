@@ -36,7 +36,7 @@ from densekd.detection.experiment import DETECTION
 from densekd.detection.models import build_detector
 from densekd.evaluation import evaluate, plot_per_class_ap, save_results
 from densekd.experiment.config import ConfigError, ExperimentConfig, load_experiment_config
-from densekd.experiment.phases import check_training_set, data_files, prepare_teachers
+from densekd.experiment.phases import check_terms_pair, check_training_set, data_files, prepare_teachers
 from densekd.training import CheckpointLoadError, init_distributed, is_main_process
 from densekd.training.nonfinite import NonFiniteTrainingError
 from densekd.training.output_folder import (
@@ -187,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
     timings["data"] = time.perf_counter() - t
     check_model_checkpoints(config, val_set, main)
     check_training_set(config, files, rank, world_size, task=DETECTION)  # at least one full batch, before any phase trains
+    check_terms_pair(config, files, num_classes, task=DETECTION)  # a recipe that cannot pair fails now, not after the teacher
     if main:
         needed = bytes_needed(planned_outputs(config, num_classes, output))
         check_output_folder(output, needed, "this run's checkpoints and weights")

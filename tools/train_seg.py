@@ -55,7 +55,7 @@ from densekd.core.weighting import lvis_frequency_groups
 from densekd.data import BadDatasetError
 from densekd.evaluation import evaluate_segmentation, format_per_class_iou, group_mean_iou, plot_per_class_iou
 from densekd.experiment.config import ConfigError, load_experiment_config
-from densekd.experiment.phases import check_training_set, prepare_teachers
+from densekd.experiment.phases import check_terms_pair, check_training_set, prepare_teachers
 from densekd.segmentation.experiment import (
     SEGMENTATION,
     segmentation_data_files,
@@ -152,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
     timings["data"] = time.perf_counter() - t
 
     check_training_set(config, files, rank, world_size, task=SEGMENTATION)  # one full batch, before any phase trains
+    check_terms_pair(config, files, num_classes, task=SEGMENTATION)  # a recipe that cannot pair fails now, not after the teacher
 
     t = time.perf_counter()
     teachers, teacher_info = prepare_teachers(

@@ -29,6 +29,7 @@ from .._cache import cache_root
 from ..data import BadDatasetError, SyntheticConfig, config_hash, ensure_synthetic_dataset
 from ..training import TrainingJob, run_training
 from .config import (
+    ConfigError,
     ExperimentConfig,
     ModelSection,
     OptimSection,
@@ -154,6 +155,29 @@ def check_training_set(config: ExperimentConfig, files: Any, rank: int = 0, worl
         f"{source}: the training set has {len(data.dataset)} image(s), {per_process}: not one full batch of "
         f"data.batch_size={batch_size} (incomplete batches are dropped, so nothing would train); {fix}."
     )
+
+
+def check_terms_pair(config: ExperimentConfig, files: Any, num_classes: int, *, task: Task) -> None:
+    """Before any phase trains: the experiment's terms pair between its student and teachers.
+    Builds them untrained (the global RNG is left as it was) and constructs the distiller, so a
+    recipe that cannot run on these models (an output one of them lacks, anchors that differ,
+    another label space) is refused now with the distiller's message, as a
+    :class:`~densekd.experiment.config.ConfigError`, not after the teacher has trained."""
+    if not config.distill:
+        return
+    with torch.random.fork_rng(devices=[]):
+        sections = [config.teacher, *config.extra_teachers]
+        teachers = [task.build_model(section, num_classes) for section in sections]
+        student = task.build_model(config.student, num_classes)
+        data = task.training_data(config, files, config.optim.iterations, augment=False)
+        try:
+            task.distiller(student, teachers, config, data)
+        except (ValueError, TypeError) as error:
+            names = ", ".join(section.name for section in sections)
+            raise ConfigError(
+                f"recipe {config.recipe or '(distill section)'}: its terms cannot distil {config.student.name} from {names}: "
+                f"{error}"
+            ) from error
 
 
 def teacher_cache_key(config: ExperimentConfig, section: ModelSection, seed: int, files: DataFiles, num_classes: int) -> str:

@@ -1,6 +1,6 @@
 """tools/train_det.py refuses, before anything trains, an output folder it cannot use, teacher
-checkpoints that are missing or list the dataset's categories in another order, and a training
-set that fills no batch."""
+checkpoints that are missing or list the dataset's categories in another order, a training
+set that fills no batch, and a recipe whose terms cannot pair the student with the teacher."""
 import collections
 import importlib.util
 import json
@@ -122,3 +122,14 @@ def test_training_set_check_counts_samples_per_process(paths):
     with pytest.raises(BadDatasetError, match=r"8 image\(s\), 4 sample\(s\) per epoch on each of 2 processes.*"
                                               r"at most 4 \(--set data.batch_size=4\) or use fewer processes"):  # fmt: skip
         check_training_set(config, files, rank=1, world_size=2, task=DETECTION)
+
+
+def test_a_recipe_whose_terms_cannot_pair_is_refused_before_the_teacher_trains(tmp_path, run, capsys):
+    # The demo recipe distils FCOS's per-anchor cls_logits: a Faster R-CNN student has none.
+    student = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    assert run("--set", f"student.name={student}", "--set", "student.image_size=64", "--output", str(tmp_path / "out")) == 2
+    error = capsys.readouterr().err
+    assert f"recipe logit_cwd: its terms cannot distil {student} from fcos_resnet34_fpn128" in error
+    assert "cls_logits" in error
+    assert len(error.strip().splitlines()) == 1
+    assert nothing_trained(tmp_path)
