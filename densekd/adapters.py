@@ -1,13 +1,13 @@
 """Per-family knowledge of where to tap torchvision models."""
 from torch import nn
 
-from .detection.adapters import DetectorAdapter, FCOSAdapter, RCNNAdapter, RetinaNetAdapter
+from .detection.adapters import DetectorAdapter, FCOSAdapter, RCNNAdapter, RetinaNetAdapter, SSDAdapter
 from .detection.adapters import adapter_for as detector_adapter_for
 from .segmentation.adapter import SegmentationAdapter, is_segmentation_model
 
 
 def adapter_for(model: nn.Module):
-    """The adapter of a torchvision detector (FasterRCNN, MaskRCNN, RetinaNet, FCOS) or
+    """The adapter of a torchvision detector (FasterRCNN, MaskRCNN, RetinaNet, FCOS, SSD) or
     segmentation model (FCN, DeepLabV3, LRASPP)."""
     if is_segmentation_model(model):
         return SegmentationAdapter(model)
@@ -19,6 +19,7 @@ __all__ = [
     "FCOSAdapter",
     "RCNNAdapter",
     "RetinaNetAdapter",
+    "SSDAdapter",
     "SegmentationAdapter",
     "adapter_for",
     "detector_adapter_for",

@@ -5,6 +5,7 @@
     python tools/bench_overhead.py --threads 4 --families fcos retinanet --json bench.json
     python tools/bench_overhead.py --json               # the JSON report on stdout, the table on stderr
     python tools/bench_overhead.py --device cuda --teacher-dtype bfloat16
+    python tools/bench_overhead.py --families deeplabv3 --seg-logit-resolution input   # logits at the input size
 
 For each detector family (FasterRCNN, RetinaNet, FCOS), with a ResNet-34 / 128-channel FPN
 teacher and a ResNet-18 / 64-channel FPN student (the demo's pair), and for a segmentation
@@ -25,6 +26,8 @@ the median after warm-up of:
       SGD step;
 
 and the overhead ratio c / (a + b): 1.00 means densekd costs nothing beyond the two forwards.
+DeepLabV3's logit terms compare at the SegmentationDistiller's ``logit_resolution`` (default:
+the heads' own resolution; ``--seg-logit-resolution input``: upsampled to the input size).
 Also: (t) the teacher work the recipe needs, alone (backbone (+ FPN) and the compared heads on
 the student's batch, without post-processing), (k) densekd's own work alone (the terms with
 their connectors, forward and backward) and c / (a + t); a feature-only distillation step, the
@@ -55,7 +58,8 @@ import torchvision
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 from bench import coco_eval_speed, memory  # noqa: E402
-from bench.families import DEFAULT_SCALE, FAMILIES, QUICK_SCALE, Scale  # noqa: E402
+from bench.families import DEFAULT_SCALE, FAMILIES, QUICK_SCALE, Family, Scale  # noqa: E402
+from bench.internals import SegmentationInternals  # noqa: E402
 from bench.workload import MEMORY_ROWS, ROWS, Workload, teacher_head_runs  # noqa: E402
 from train_det import jsonable  # noqa: E402  (NaN -> null, as the other tools write JSON)
 
@@ -81,6 +85,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-eval", action="store_true", help="skip the COCO evaluation speed check")
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH", help="also write the report as JSON (no PATH: stdout)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seg-logit-resolution", choices=("head", "input"),
+        help="where the segmentation family's logit terms compare (SegmentationDistiller's logit_resolution; "
+        "default: its default)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -117,7 +126,16 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": warmup,
         "repeats": repeats,
         "eval": QUICK_EVAL if args.quick else DEFAULT_EVAL,
+        "seg_logit_resolution": args.seg_logit_resolution,
     }
+
+
+def family_of(name: str, settings: dict) -> Family:
+    """The family ``name`` with the run's distiller options (a segmenter's logit resolution)."""
+    family = FAMILIES[name]
+    if family.internals is SegmentationInternals and settings["seg_logit_resolution"]:
+        family = replace(family, distiller_options={"logit_resolution": settings["seg_logit_resolution"]})
+    return family
 
 
 # --- measuring ---------------------------------------------------------------------------
@@ -153,7 +171,8 @@ def median_times(workload: Workload, warmup: int, repeats: int) -> dict[str, dic
 
 def peak_memory(family_name: str, settings: dict) -> dict[str, float]:
     """MiB per row of MEMORY_ROWS (see bench/memory.py for the method)."""
-    build = lambda: Workload(FAMILIES[family_name], settings["scale"], settings["device"], settings["teacher_dtype"], settings["seed"])
+    family = family_of(family_name, settings)
+    build = lambda: Workload(family, settings["scale"], settings["device"], settings["teacher_dtype"], settings["seed"])
     if settings["device"].type == "cuda":
         workload = build()
         return {row: memory.cuda_peak_bytes(workload, ROWS[row]) / memory.MiB for row in MEMORY_ROWS}
@@ -161,7 +180,7 @@ def peak_memory(family_name: str, settings: dict) -> dict[str, float]:
 
 
 def measure_family(family_name: str, settings: dict) -> dict[str, Any]:
-    family = FAMILIES[family_name]
+    family = family_of(family_name, settings)
     workload = Workload(family, settings["scale"], settings["device"], settings["teacher_dtype"], settings["seed"])
     head_runs = teacher_head_runs(workload)  # also builds the lazily made distillers
     workload.student_records  # noqa: B018  (recorded before the timing)
@@ -170,6 +189,7 @@ def measure_family(family_name: str, settings: dict) -> dict[str, Any]:
     a, b, c = ms["student_step"], ms["teacher_forward"], ms["distill_step"]
     result = {
         "title": family.title,
+        "logit_resolution": getattr(workload.full[0], "logit_resolution", None),  # a segmenter's: head or input
         "parameters_millions": workload.parameters_millions(),
         "terms": [term.name for term in workload.full[0].terms],
         "feature_terms": [term.name for term in workload.features_only[0].terms],
@@ -287,7 +307,8 @@ def text_report(report: dict[str, Any]) -> str:
         "teacher head runs: calls of the teacher's submodules after its FPN (a segmenter's backbone) in one "
         "feature-only step (0: it stops there)"
     )
-    lines += ["", "terms of (c):"] + [f"  {f['title']}: {', '.join(f['terms'])}" for f in families.values()]
+    at = lambda f: f" (logits at {f['logit_resolution']} resolution)" if f.get("logit_resolution") else ""
+    lines += ["", "terms of (c):"] + [f"  {f['title']}{at(f)}: {', '.join(f['terms'])}" for f in families.values()]
     evaluation = report.get("evaluation")
     if evaluation:
         py, fast = (evaluation["backends"][b]["metrics"]["AP"] for b in ("pycocotools", "faster_coco_eval"))

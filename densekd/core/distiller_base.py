@@ -137,13 +137,13 @@ class DistillerBase(nn.Module):
                     raise ValueError(
                         f"Term {term.name!r} distills {term.on!r}, which the {role} "
                         f"({type(adapter.model).__name__}) does not produce; it produces: "
-                        f"{', '.join(sorted(adapter.provides))}.{hint}"
+                        f"{', '.join(sorted(adapter.provides))}.{hint}{self._pairing_hint()}"
                     )
                 if term.on in self.class_indexed_outputs and adapter.num_classes != num_classes:
                     raise ValueError(
                         f"Term {term.name!r} compares {term.on!r} class by class, but the {role} predicts "
                         f"{adapter.num_classes} classes and the student {num_classes}. Build both with the same "
-                        "num_classes and category order, or distill features only."
+                        f"num_classes and category order, or distill features only.{self._pairing_hint()}"
                     )
             self._check_family_term(term)
             if term.class_weights is not None and term.class_weights.numel() not in self.student_adapter.label_counts:
@@ -154,6 +154,10 @@ class DistillerBase(nn.Module):
 
     def _check_family_term(self, term: Term) -> None:
         """Family-specific rules for one term (raise ValueError)."""
+
+    def _pairing_hint(self) -> str:
+        """Appended to the error that refuses a term: the terms that do pair these models ('' here)."""
+        return ""
 
     def _class_weights_layout(self) -> str:
         """The label convention of the student's class weights, for the error of a wrong count."""

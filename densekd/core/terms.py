@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .._names import did_you_mean
 from ..losses import get_loss
+from .outputs import PER_ANCHOR_OUTPUTS
 from .schedules import build_schedule
 from .weighting import per_class_temperature
 
@@ -29,6 +30,11 @@ FEATURE_LOSSES = (
 )
 # Segmentation logits (N, K, H, W): per-pixel softmax losses, and CWD over each class channel's positions.
 SEGMENTATION_LOGIT_LOSSES = ("pixel_kl", "cwd", "focal_kl", "margin", "dkd")
+# Keypoint heatmap logits (P, K_kp, S, S): a spatial softmax per keypoint.
+KEYPOINT_LOSSES = ("spatial_kl",)
+# A teacher's post-processed detections (any family, densekd.detection.predictions): the student's own
+# loss on them as targets, and GIoU of the student's boxes against the detections they overlap.
+DETECTION_LOSSES = ("pseudo_targets", "matched_giou")
 # Feature losses that compare channel by channel need a 1x1 connector on a channel mismatch;
 # the others compare maps without a channel axis and only need the spatial sizes aligned.
 CHANNEL_MATCHED_FEATURE_LOSSES = frozenset({"hint", "masked_imitation", "cwd", "pkd", "channel_attention"})
@@ -37,8 +43,13 @@ LOSSES_BY_OUTPUT: dict[str, tuple[str, ...]] = {
     "features": FEATURE_LOSSES,
     "cls_logits": SIGMOID_LOGIT_LOSSES,
     "centerness": SIGMOID_LOGIT_LOSSES,
+    # SSD's per-anchor logits are a softmax over K + 1 (background 0), like RoI logits and unlike the
+    # K sigmoids of cls_logits: their own name keeps each output's losses one probability model.
+    "anchor_class_logits": SOFTMAX_LOGIT_LOSSES,
+    "anchor_box_regression": BOX_LOSSES,
     "rpn_objectness": SIGMOID_LOGIT_LOSSES,
     "mask_logits": SIGMOID_LOGIT_LOSSES,
+    "keypoint_logits": KEYPOINT_LOSSES,
     "roi_class_logits": SOFTMAX_LOGIT_LOSSES,
     "box_regression": BOX_LOSSES,
     "rpn_box_regression": BOX_LOSSES,
@@ -46,16 +57,18 @@ LOSSES_BY_OUTPUT: dict[str, tuple[str, ...]] = {
     "roi_features": ("relation",),
     "seg_logits": SEGMENTATION_LOGIT_LOSSES,
     "aux_logits": SEGMENTATION_LOGIT_LOSSES,
+    "detections": DETECTION_LOSSES,
 }
 
 # Outputs whose positions are weighted by the teacher's confidence unless a term says otherwise:
 # box deltas and centerness of background positions carry no information worth imitating.
-CONFIDENCE_WEIGHTED_BY_DEFAULT = frozenset({"box_regression", "rpn_box_regression", "centerness"})
+CONFIDENCE_WEIGHTED_BY_DEFAULT = frozenset({"box_regression", "anchor_box_regression", "rpn_box_regression", "centerness"})
 # Outputs without classes: class weights cannot apply.
 CLASS_AGNOSTIC_OUTPUTS = frozenset({"rpn_objectness", "rpn_box_regression", "roi_features"})
 
 # Arguments the glue supplies itself; a term's params may not set them.
-_SUPPLIED_ARGUMENTS = frozenset({"temperature", "weights", "target", "target_deltas", "foreground", "mask", "ignore"})
+_SUPPLIED_ARGUMENTS = frozenset({"temperature", "weights", "target", "target_deltas", "foreground", "mask", "ignore", "visible",
+                                 "teacher_scores", "match_boxes"})
 
 
 @dataclass
@@ -77,7 +90,7 @@ class Term:
             foreground masks and per matched box for box terms; for segmentation logits
             per pixel (its ground-truth class) or per class channel (CWD). One weight per
             label, in the layout of the student's class channels (label k on channel k):
-            softmax RoI heads (K + 1 channels, background 0) take K, for labels 1..K;
+            softmax RoI and SSD heads (K + 1 channels, background 0) take K, for labels 1..K;
             RetinaNet/FCOS heads with C channels take C (labels 0..C-1) or C - 1 (labels
             1..C-1, channel 0 unused); segmenters K, for labels 0..K-1.
         class_temperature_spread: > 0 gives rarer classes a warmer temperature
@@ -154,7 +167,7 @@ class Term:
 
     @property
     def per_anchor(self) -> bool:
-        return self.on in {"cls_logits", "box_regression", "centerness", "rpn_objectness", "rpn_box_regression"}
+        return self.on in PER_ANCHOR_OUTPUTS
 
     @property
     def needs_matching_channels(self) -> bool:

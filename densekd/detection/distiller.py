@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
 from ..core.distiller_base import DistillerBase
-from ..core.outputs import PER_ANCHOR_OUTPUTS, ROI_OUTPUTS, DenseOutputs
+from ..core.outputs import DETECTIONS, KEYPOINT_OUTPUTS, PER_ANCHOR_OUTPUTS, DenseOutputs
 from ..core.precision import is_low_precision, outputs_in, teacher_autocast
 from ..core.taps import Tap
 from ..core.terms import Term
@@ -26,12 +27,15 @@ from ..segmentation.adapter import is_segmentation_model
 from ..segmentation.distiller import SegmentationDistiller
 from .adapters import DetectorAdapter, RCNNAdapter, adapter_for
 from .label_smoothing import check_label_smoothing, smoothed_focal_loss, smoothed_roi_classification_loss
+from .pairable import describe_pairable
 from .pairs import StepContext, teacher_needs, term_loss
+from .predictions import detection_term_refusal, teacher_detections
 
 GEOMETRIES = ("student", "own")
 # Outputs compared class by class: teacher and student must share the label space.
 _CLASS_INDEXED_OUTPUTS = frozenset(
     {"cls_logits", "centerness", "box_regression", "roi_class_logits", "roi_box_regression", "mask_logits"}
+    | {"anchor_class_logits", "anchor_box_regression"}
 )
 
 
@@ -43,7 +47,7 @@ class Distiller(DistillerBase):
     :class:`~densekd.segmentation.distiller.SegmentationDistiller` with the same arguments.
 
     Args:
-        student: the torchvision detector to train (FasterRCNN, MaskRCNN, RetinaNet, FCOS),
+        student: the torchvision detector to train (FasterRCNN, MaskRCNN, RetinaNet, FCOS, SSD),
             plain: for data-parallel training wrap the distiller, ``DistributedDataParallel(distiller)``,
             not the student (a wrapped student is refused).
         teachers: one teacher or a list; frozen here (eval mode, no gradients).
@@ -112,25 +116,66 @@ class Distiller(DistillerBase):
 
     # --- construction ----------------------------------------------------------------
     def _check_family_term(self, term: Term) -> None:
+        if term.on == DETECTIONS:
+            refusal = detection_term_refusal(term, self.student_adapter, self.teacher_adapters)
+            if refusal:
+                raise ValueError(f"Term {term.name!r}: {refusal}.{self._pairing_hint()}")
         if term.loss == "teacher_bounded" and term.on not in self.student_adapter.matchable_box_outputs:
             raise ValueError(
                 f"Term {term.name!r}: teacher-bounded regression needs ground-truth matches for {term.on!r}, "
                 f"which {type(self.student_adapter.model).__name__} assigns only inside its loss function. "
                 "Use 'delta_l1', 'delta_l2' or 'giou' instead."
             )
+        if term.on in KEYPOINT_OUTPUTS:  # every model has a keypoint head here (checked before)
+            layout = self.student_adapter.keypoint_layout()
+            for index, adapter in enumerate(self.teacher_adapters):
+                if adapter.keypoint_layout() != layout:
+                    raise ValueError(
+                        f"Term {term.name!r} pairs keypoint heatmaps map by map, but (keypoints, keypoint RoI pool size) "
+                        f"is {adapter.keypoint_layout()} for teacher {index} and {layout} for the student. Build both "
+                        "with the same keypoints in the same order and the same keypoint_roi_pool, or drop the term."
+                    )
+
+    def _pair_levels(self, term: Term, student_shapes: dict, teacher_shapes: dict) -> list[tuple[str, str]]:
+        """(student level, teacher level) pairs of a feature term: by name, as FPN levels are named
+        alike across families, unless a model names its maps by position (SSD's "0".."5" start at
+        stride 16 or 8, an FPN's "0" at 4 or 8). Then each student map pairs with the teacher map
+        whose probed grid is nearest in scale (the same-named one among equals, else the finer)."""
+        adapters = [self.student_adapter, *self.teacher_adapters]
+        if not any(adapter.pairs_levels_by_stride for adapter in adapters):
+            return super()._pair_levels(term, student_shapes, teacher_shapes)
+        chosen = term.levels if term.levels is not None else list(student_shapes)
+        unknown = [level for level in chosen if level not in student_shapes]
+        if unknown:
+            levels = list(student_shapes)
+            raise ValueError(f"Term {term.name!r}: unknown levels {unknown}; the student's levels are {levels}.")
+
+        def distance(student_level: str, teacher_level: str) -> tuple[float, bool]:  # shapes are (C, H, W)
+            scale = abs(math.log(teacher_shapes[teacher_level][1] / student_shapes[student_level][1]))
+            return round(scale, 6), teacher_level != student_level
+
+        return [(level, min(teacher_shapes, key=lambda t: distance(level, t))) for level in chosen]
+
+    def _pairing_hint(self) -> str:
+        """Every output whose terms pair these models, with its losses (for the errors that refuse a
+        term); per-anchor outputs count when anchors and geometry agree (strides are probed later)."""
+        signature = self.student_adapter.anchor_signature()
+        anchors_pair = self.teacher_geometry == "student" and all(
+            adapter.anchor_signature() == signature for adapter in self.teacher_adapters
+        )
+        pairable = describe_pairable(self.student_adapter, self.teacher_adapters, anchors_pair, self.class_indexed_outputs)
+        return f" Terms that pair these models: {pairable}."
 
     def _check_per_anchor_terms(self, student_shapes: dict, teacher_shapes: list[dict]) -> None:
         per_anchor = [t for t in self.terms if t.on in PER_ANCHOR_OUTPUTS]
         if not per_anchor:
             return
-        still_working = ["feature terms (through connectors)"]
-        if isinstance(self.student_adapter, type(self.teacher_adapters[0])) and self.student_adapter.provides & ROI_OUTPUTS:
-            still_working.append("RoI terms (roi_class_logits, roi_box_regression, roi_features, mask_logits)")
+        still_working = describe_pairable(self.student_adapter, self.teacher_adapters, False, self.class_indexed_outputs)
         names = ", ".join(repr(t.name) for t in per_anchor)
         if self.teacher_geometry != "student":
             raise ValueError(
                 f"Per-anchor terms ({names}) need teacher_geometry='student': with the teacher resizing on its "
-                f"own, anchors do not line up. Terms that still work: {'; '.join(still_working)}."
+                f"own, anchors do not line up. Terms that still work: {still_working}."
             )
         student_strides = [hw[1:] for hw in student_shapes.values()]
         for index, (adapter, shapes) in enumerate(zip(self.teacher_adapters, teacher_shapes)):
@@ -147,7 +192,7 @@ class Distiller(DistillerBase):
                 raise ValueError(
                     f"Per-anchor terms ({names}) pair student and teacher {index} anchor by anchor, but "
                     f"{'; '.join(problems)}. Use models with the same anchor generator and feature strides, "
-                    f"or drop these terms. Terms that still work: {'; '.join(still_working)}."
+                    f"or drop these terms. Terms that still work: {still_working}."
                 )
 
     # --- training-time behaviour --------------------------------------------------------
@@ -213,10 +258,17 @@ class Distiller(DistillerBase):
             batch, _ = adapter.model.transform(images)
             rois = _rescaled_rois(student, batch.image_sizes)
         if not is_low_precision(adapter.model):
-            return adapter.run(batch, self._teacher_needs, rois)
+            return self._teacher_outputs(adapter, batch, rois, student_batch.image_sizes)
         with teacher_autocast(adapter.model, batch.tensors.device):  # e.g. a bfloat16 teacher
-            outputs = adapter.run(batch, self._teacher_needs, rois)
+            outputs = self._teacher_outputs(adapter, batch, rois, student_batch.image_sizes)
         return outputs_in(outputs, batch.tensors.dtype)  # the losses compare in the student's dtype
+
+    def _teacher_outputs(self, adapter: DetectorAdapter, batch: ImageList, rois: DenseOutputs, image_sizes) -> DenseOutputs:
+        """What the terms need of one teacher; its detections (terms on "detections") in the student's frame."""
+        outputs = adapter.run(batch, self._teacher_needs, rois)
+        if DETECTIONS in self._teacher_needs:
+            outputs.detections = teacher_detections(adapter, batch, outputs, image_sizes)
+        return outputs
 
     def _renormalized(self, batch: ImageList, teacher: DetectorAdapter) -> ImageList:
         """The student's batch in the teacher's normalization (same pixels, same geometry)."""
@@ -258,5 +310,6 @@ def _rescaled_rois(student: DenseOutputs, teacher_sizes: list[tuple[int, int]]) 
         return scaled
 
     return dataclasses.replace(
-        student, roi_proposals=rescale(student.roi_proposals), mask_proposals=rescale(student.mask_proposals)
+        student, roi_proposals=rescale(student.roi_proposals), mask_proposals=rescale(student.mask_proposals),
+        keypoint_proposals=rescale(student.keypoint_proposals),
     )

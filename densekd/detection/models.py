@@ -1,29 +1,36 @@
 """Builders of the demo's detectors, assembled from torchvision classes (no forked model code).
 
-Every builder returns a plain torchvision :class:`~torchvision.models.detection.FCOS` whose
-``state_dict`` loads into the same builder's output with ``strict=True``. Teacher and student
-share the anchor generator and the feature strides (8, 16, 32, 64, 128 on levels
-"0", "1", "2", "p6", "p7"), so per-anchor terms (``cls_logits``, ``centerness``, ...) pair.
+Every builder returns a plain torchvision :class:`~torchvision.models.detection.FCOS` or
+``SSD`` whose ``state_dict`` loads into the same builder's output with ``strict=True``. The FCOS
+teacher and student share the anchor generator and the feature strides (8, 16, 32, 64, 128 on
+levels "0", "1", "2", "p6", "p7"), so per-anchor terms (``cls_logits``, ``centerness``, ...)
+pair. The SSDlite builder keeps torchvision's ``ssdlite320_mobilenet_v3_large`` default boxes, so
+its per-anchor terms pair with that model (built here at the same image size).
 
     student = build_detector("fcos_resnet18_fpn64", num_classes=12, image_size=96)   # configs/models/
 """
 from __future__ import annotations
 
 import difflib
-from typing import Callable
+from functools import partial
+from typing import Callable, Optional
 
 import torchvision
 from torch import nn
-from torchvision.models import resnet18, resnet34, resnet50
+from torchvision.models import mobilenet_v3_large, mobilenet_v3_small, resnet18, resnet34, resnet50
 from torchvision.models.detection import FCOS
-from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection._utils import retrieve_out_channels
+from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.ssd import SSD
+from torchvision.models.detection.ssdlite import SSDLiteFeatureExtractorMobileNet, SSDLiteHead, _normal_init
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from ..experiment.config import model_definitions
 
-__all__ = ["ARCHITECTURES", "build_detector", "build_pretrained", "fcos_fpn"]
+__all__ = ["ARCHITECTURES", "build_detector", "build_pretrained", "fcos_fpn", "ssdlite_mobilenet_v3"]
 
 # ResNet stages 2-4 (strides 8, 16, 32) -> FPN levels "0", "1", "2"; P6/P7 add strides 64, 128.
 _RETURN_LAYERS = {"layer2": "0", "layer3": "1", "layer4": "2"}
@@ -93,8 +100,50 @@ def fcos_fpn(
     return _fcos(body, _STAGE_CHANNELS[backbone], fpn_channels, num_classes, image_size, head_convs, box_bias_init)
 
 
+_MOBILENETS = {"mobilenet_v3_small": mobilenet_v3_small, "mobilenet_v3_large": mobilenet_v3_large}
+
+
+def ssdlite_mobilenet_v3(
+    num_classes: int,
+    image_size: int,
+    backbone: str = "mobilenet_v3_small",
+    width_mult: float = 1.0,
+    norm_layer: Optional[Callable[..., nn.Module]] = None,
+) -> SSD:
+    """SSDlite (Sandler et al. 2018, https://arxiv.org/abs/1801.04381; Howard et al. 2019,
+    https://arxiv.org/abs/1905.02244) on a MobileNetV3 from scratch, for ``image_size`` images.
+
+    Assembled as torchvision's ``ssdlite320_mobilenet_v3_large`` without a pretrained backbone
+    (reduced tail, normal init, C4 expansion + C5 + four extra blocks, six maps "0".."5" at strides
+    16 ... 512, the same ``DefaultBoxGenerator``, mean/std 0.5, its score/NMS settings), but with
+    ``backbone`` "mobilenet_v3_small" or "mobilenet_v3_large", ``width_mult`` scaling the backbone
+    and the extra blocks, and a fixed size of ``image_size`` instead of 320. K + 1 softmax classes,
+    background 0. ``norm_layer`` defaults to torchvision's ``BatchNorm2d(eps=0.001, momentum=0.03)``;
+    as in torchvision, the last maps are 1 x 1 below 512 px, so training needs >= 2 images per batch."""
+    if backbone not in _MOBILENETS:
+        raise ValueError(f"Unknown SSDlite backbone {backbone!r}; valid: {', '.join(_MOBILENETS)}.")
+    norm_layer = norm_layer or partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
+    body = _MOBILENETS[backbone](weights=None, norm_layer=norm_layer, reduced_tail=True, width_mult=width_mult)
+    _normal_init(body)
+    blocks = body.features
+    # torchvision's _mobilenet_extractor: the last strided block (C5's first) splits C4 from C5
+    c4_position = [i for i, block in enumerate(blocks) if getattr(block, "_is_cn", False)][-1]
+    extractor = SSDLiteFeatureExtractorMobileNet(blocks, c4_position, norm_layer, width_mult=width_mult)
+    anchors = DefaultBoxGenerator([[2, 3] for _ in range(6)], min_ratio=0.2, max_ratio=0.95)
+    channels = retrieve_out_channels(extractor, (image_size, image_size))
+    head = SSDLiteHead(channels, anchors.num_anchors_per_location(), num_classes + 1, norm_layer)
+    return SSD(
+        extractor, anchors, (image_size, image_size), num_classes + 1, head=head,
+        score_thresh=0.001, nms_thresh=0.55, detections_per_img=300, topk_candidates=300,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )  # fmt: skip
+
+
 #: architectures that ``configs/models/<name>.yaml`` files instantiate
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"fcos_fpn": fcos_fpn}
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "fcos_fpn": fcos_fpn,
+    "ssdlite_mobilenet_v3": ssdlite_mobilenet_v3,
+}
 
 
 def _torchvision_detectors() -> list[str]:
@@ -115,6 +164,12 @@ def build_detector(name: str, num_classes: int, image_size: int) -> nn.Module:
     if name in definitions:
         architecture, arguments = definitions[name]
         return ARCHITECTURES[architecture](num_classes, image_size, **arguments)
+    if name in _torchvision_detectors() and name.startswith("ssd"):  # SSD builders fix their size themselves
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes + 1)
+        mean, std = model.transform.image_mean, model.transform.image_std  # default boxes are relative: resize only
+        size = (image_size, image_size)
+        model.transform = GeneralizedRCNNTransform(image_size, image_size, mean, std, size_divisible=1, fixed_size=size)
+        return model
     if name in _torchvision_detectors():
         return torchvision.models.get_model(
             name, weights=None, weights_backbone=None, num_classes=num_classes + 1, min_size=image_size, max_size=image_size

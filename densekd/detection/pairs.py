@@ -17,6 +17,7 @@ from ..core.feature_pairs import PairingContext, feature_term_loss, fuse_teacher
 from ..core.outputs import DenseOutputs
 from ..core.terms import Term
 from .adapters import DetectorAdapter, decode_boxes, encode_boxes
+from .predictions import detection_term_loss
 
 # Decoded teacher boxes narrower than this (pixels) are left out of GIoU terms.
 MIN_BOX_SIDE = 1.0
@@ -70,6 +71,18 @@ class StepContext(PairingContext):
         """(P,) label of every positive RoI the mask head saw."""
         return self._assign(self.student.mask_proposals)[0]
 
+    @cached_property
+    def keypoint_labels(self) -> Tensor:
+        """(P,) label of every positive RoI the keypoint head saw."""
+        return self._assign(self.student.keypoint_proposals)[0]
+
+    @cached_property
+    def keypoint_visibility(self) -> Tensor:
+        """(P, K_kp) bool: the matched GT keypoint of each positive RoI is visible and inside it."""
+        s = self.student
+        size = s.keypoint_logits.shape[-1]  # S of the (P, K_kp, S, S) heatmaps
+        return self.adapter.keypoint_visibility(s.keypoint_proposals, s.gt_boxes, s.gt_labels, s.gt_keypoints, size)
+
     def _assign(self, proposals: list[Tensor]) -> tuple[Tensor, Tensor]:
         matched_idxs, labels = self.adapter.assign_rois(proposals, self.student.gt_boxes, self.student.gt_labels)
         matched_boxes = [
@@ -79,10 +92,30 @@ class StepContext(PairingContext):
         return torch.cat(labels), torch.cat(matched_boxes)
 
     @cached_property
+    def dense_teacher_scores(self) -> Tensor:
+        """(N, HWA, C) the teachers' class probabilities per anchor (one-stage heads): sigmoids of
+        ``cls_logits`` (RetinaNet, FCOS), or the softmax of ``anchor_class_logits`` with background
+        channel 0 set to 0 (SSD), so that the top class is a foreground class in both layouts."""
+        if "anchor_class_logits" in self.adapter.provides:
+            probabilities = torch.softmax(self.fused_teacher("anchor_class_logits", 1.0, sigmoid=False), dim=-1)
+            return torch.cat([torch.zeros_like(probabilities[..., :1]), probabilities[..., 1:]], dim=-1)
+        return torch.sigmoid(self.fused_teacher("cls_logits", 1.0, sigmoid=True))
+
+    @cached_property
     def dense_teacher_confidence(self) -> Tensor:
-        """(N, HWA) the teachers' top class probability per anchor (one-stage heads)."""
-        fused = self.fused_teacher("cls_logits", 1.0, sigmoid=True)
-        return torch.sigmoid(fused).amax(dim=-1)
+        """(N, HWA) the teachers' top foreground class probability per anchor (one-stage heads)."""
+        return self.dense_teacher_scores.amax(dim=-1)
+
+    @cached_property
+    def anchor_labels(self) -> Tensor:
+        """(N * HWA,) label of every default box of an SSD head (0 = background), as SSD's matcher
+        assigns them in its loss (deterministic; the hard-negative mining that follows is not used)."""
+        matches = self.anchor_matches("anchor_class_logits").split([len(a) for a in self.student.anchors])
+        labels = [
+            torch.where(m >= 0, gt[m.clamp(min=0)], 0) if gt.numel() else torch.zeros_like(m)
+            for gt, m in zip(self.student.gt_labels, matches)
+        ]
+        return torch.cat(labels)
 
     def per_label(self, values: Tensor, fill: float = 1.0) -> Tensor:
         """(C,) per-class values indexed by label, laid out like the student's class channels
@@ -91,9 +124,9 @@ class StepContext(PairingContext):
         return self.adapter.per_label(values, fill)
 
     def top_class_weights(self, class_weights: Tensor) -> Tensor:
-        """(N, HWA) class weight of the teachers' top class at every anchor (one-stage heads)."""
-        fused = self.fused_teacher("cls_logits", 1.0, sigmoid=True)  # (N, HWA, C)
-        return self.per_label(class_weights).to(fused.device)[fused.argmax(dim=-1)]
+        """(N, HWA) class weight of the teachers' top (foreground) class at every anchor (one-stage heads)."""
+        scores = self.dense_teacher_scores  # (N, HWA, C)
+        return self.per_label(class_weights).to(scores.device)[scores.argmax(dim=-1)]
 
     def anchor_matches(self, output_name: str) -> Tensor:
         """(N * HWA,) matched GT index per anchor of the student (negative: unmatched)."""
@@ -170,15 +203,47 @@ def _mask_logits(term: Term, ctx: StepContext, base_t: float, class_t: Optional[
     return term.loss_fn(student, teacher, temperature=temperature, weights=weights, **term.params)
 
 
-def _softmax_logits(term: Term, ctx: StepContext) -> Tensor:
+def _keypoint_logits(term: Term, ctx: StepContext) -> Tensor:
+    """Heatmaps of the positive RoIs, (P, K_kp, S, S), against the teachers' keypoint heads run on
+    the same RoIs; class weights and temperatures by each RoI's label, GT visibility always given."""
+    student = ctx.student.keypoint_logits
+    if student is None:
+        raise RuntimeError("keypoint_logits were not recorded: keypoint terms need a Keypoint R-CNN student in training mode.")
     base_t = term_temperature(term, ctx)
     class_t = term.class_temperatures(base_t)
-    labels, _ = ctx.roi_assignment  # (R,)
-    student = ctx.student.roi_class_logits  # (R, K + 1)
     temperature: Tensor | float = base_t
-    if class_t is not None:  # background RoIs keep the base temperature
-        temperature = ctx.per_label(class_t, base_t).to(student.device)[labels]  # (R,)
-    teacher = ctx.fused_teacher("roi_class_logits", temperature if class_t is None else temperature[:, None], False)
+    fuse_t: Tensor | float = base_t
+    if class_t is not None:
+        temperature = ctx.per_label(class_t, base_t).to(student.device)[ctx.keypoint_labels]  # (P,)
+        fuse_t = temperature[:, None, None]  # (P, 1, 1) over (P, K_kp, S * S)
+    # The spatial softmax runs over each map's S * S cells: fuse teachers on (P, K_kp, S * S).
+    teacher = fuse_teacher_logits(
+        [t.keypoint_logits.flatten(2) for t in ctx.teachers], ctx.teacher_weights, fuse_t, sigmoid=False
+    ).reshape(student.shape)
+    weights = None
+    if term.class_weights is not None:
+        weights = ctx.per_label(term.class_weights).to(student.device)[ctx.keypoint_labels][:, None]  # (P, 1)
+    visible = ctx.keypoint_visibility  # (P, K_kp), read by the loss only with visible_only
+    return term.loss_fn(student, teacher, temperature=temperature, visible=visible, weights=weights, **term.params)
+
+
+def _softmax_logits(term: Term, ctx: StepContext) -> Tensor:
+    """Softmax class logits, background at 0: one row per sampled RoI (``roi_class_logits`` (R, K + 1))
+    or per default box (``anchor_class_logits`` (N, HWA, K + 1) -> (N * HWA, K + 1)), each row's label
+    (0 = background) from the RoI head's or SSD's matcher's assignment."""
+    base_t = term_temperature(term, ctx)
+    class_t = term.class_temperatures(base_t)
+    labels = ctx.roi_assignment[0] if term.on == "roi_class_logits" else ctx.anchor_labels  # (M,)
+    student = getattr(ctx.student, term.on).flatten(0, -2)  # (M, K + 1)
+    temperature: Tensor | float = base_t
+    if class_t is not None:  # background rows keep the base temperature
+        temperature = ctx.per_label(class_t, base_t).to(student.device)[labels]  # (M,)
+    teacher = fuse_teacher_logits(
+        [getattr(t, term.on).flatten(0, -2) for t in ctx.teachers],  # each (M, K + 1)
+        ctx.teacher_weights,
+        temperature if class_t is None else temperature[:, None],
+        sigmoid=False,
+    )
     weights = torch.ones(labels.shape, device=student.device)
     if term.class_weights is not None:
         weights = weights * ctx.per_label(term.class_weights).to(student.device)[labels]
@@ -273,11 +338,15 @@ _BY_OUTPUT: dict[str, Callable[[Term, StepContext], Tensor]] = {
     "centerness": _sigmoid_logits,
     "rpn_objectness": _sigmoid_logits,
     "mask_logits": _sigmoid_logits,
+    "keypoint_logits": _keypoint_logits,
     "roi_class_logits": _softmax_logits,
+    "anchor_class_logits": _softmax_logits,
+    "anchor_box_regression": _boxes,
     "box_regression": _boxes,
     "rpn_box_regression": _boxes,
     "roi_box_regression": _boxes,
     "roi_features": _roi_features,
+    "detections": detection_term_loss,
 }
 
 
@@ -294,6 +363,8 @@ def teacher_needs(term: Term) -> set[str]:
         needs.add("cls_logits")
     elif term.on == "rpn_box_regression":
         needs.add("rpn_objectness")
+    elif term.on == "anchor_box_regression":
+        needs.add("anchor_class_logits")
     elif term.on == "roi_box_regression":
         needs.add("roi_class_logits")
     return needs

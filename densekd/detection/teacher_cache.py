@@ -17,6 +17,8 @@ pair with::
     cls_logits.npy            (num_images, HWA, K)
     box_regression.npy        (num_images, HWA, 4)
     centerness.npy            (num_images, HWA)
+    anchor_class_logits.npy   (num_images, HWA, K + 1)   SSD
+    anchor_box_regression.npy (num_images, HWA, 4)       SSD
     rpn_objectness.npy        (num_images, HWA)
     rpn_box_regression.npy    (num_images, HWA, 4)
 
@@ -29,8 +31,8 @@ precision). A float16 overflow (|value| > 65504) is refused, naming the output.
 No top-k logits. The cacheable logit losses are Bernoulli KD on sigmoid heads
 (``binary_kd``, ``focal_binary_kd``), which sum over every class channel, each its own
 Bernoulli: dropping channels drops terms of the loss, so a top-k cache cannot give the same
-value. (Softmax KL would need the full partition function too, but RoI logits are not
-cacheable anyway, see below.)
+value. Softmax KL needs the full partition function too: SSD's per-anchor logits are stored
+whole (all K + 1 channels); RoI logits are not cacheable anyway, see below.
 
 The key. A SHA-256 of everything that determines the stored values: the teacher's class and
 weights (every parameter and buffer), its normalization, the student's input transform
@@ -53,8 +55,9 @@ What cannot be cached (refused with the setting and the fix):
   not mirror-symmetric, so the teacher's outputs on a flipped image are not the mirrored
   outputs on the original, and replaying them would be inexact;
 * RoI-level outputs (``roi_class_logits``, ``roi_box_regression``, ``roi_features``,
-  ``mask_logits``): the teacher's RoI heads run on the proposals the student sampled in
+  ``mask_logits``, ``keypoint_logits``): the teacher's RoI heads run on the proposals the student sampled in
   this step, which change as the student trains and are drawn at random;
+* the teacher's detections (terms on ``detections``): not stored;
 * self-distillation (EMA or snapshot teacher): the teacher changes during training;
 * ``teacher_geometry="own"`` and multi-scale students (``min_size`` with several values):
   the geometry is not fixed per image.
@@ -81,7 +84,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..core.outputs import FEATURES, MASK_OUTPUTS, PER_ANCHOR_OUTPUTS, ROI_OUTPUTS, DenseOutputs
+from ..core.outputs import DETECTIONS, FEATURES, KEYPOINT_OUTPUTS, MASK_OUTPUTS, PER_ANCHOR_OUTPUTS, ROI_OUTPUTS, DenseOutputs
 from ..data.coco import CocoDetectionDataset, collate_detection
 from ..data.mixing import MixedDetectionDataset
 from ..data.transforms import DetectionTransform
@@ -89,7 +92,7 @@ from ..data.transforms import DetectionTransform
 FORMAT_VERSION = 1
 DTYPES = {"float16": np.float16, "float32": np.float32}
 MANIFEST = "manifest.json"
-_UNCACHEABLE_OUTPUTS = ROI_OUTPUTS | MASK_OUTPUTS
+_UNCACHEABLE_OUTPUTS = ROI_OUTPUTS | MASK_OUTPUTS | KEYPOINT_OUTPUTS
 
 
 class IncompleteCacheError(RuntimeError):
@@ -115,6 +118,13 @@ def offline_blockers(distiller: nn.Module) -> list[str]:
             f"RoI-level terms {names}: the teacher's RoI heads run on the proposals the student sampled "
             "in this step, which change as the student trains and are drawn at random, so they cannot be "
             "computed ahead of time. Drop these terms or distill online."
+        )
+    detection_terms = [t for t in distiller.terms if t.on == DETECTIONS]
+    if detection_terms:
+        names = ", ".join(repr(t.name) for t in detection_terms)
+        blockers.append(
+            f"terms on the teacher's detections {names}: the cache stores per-anchor outputs and features, not "
+            "post-processed detections. Drop these terms or distill online."
         )
     if distiller.self_distillation_mode is not None:
         blockers.append(

@@ -8,11 +8,13 @@ A distillation config is a flat mapping::
     self_distillation: {mode: ema, ema_decay: 0.999}   # optional
     teacher_cache: false                 # true: offline, teacher outputs cached (densekd.detection.teacher_cache)
     teacher_cache_dtype: float16         # or float32
+    logit_resolution: head               # segmentation: logit terms at the heads' resolution, or "input"
     terms:
       - {loss: binary_kd, on: cls_logits, temperature: 2.0, confidence_weighting: true}
       - {loss: cwd, on: features, weight: 0.5, levels: ["0", "1", "2"]}
       - {loss: kl, on: roi_class_logits, class_weights: {method: sqrt_inverse}}
       - {loss: masked_imitation, on: features, balance: 0.5}   # scaled to 0.5 x the student's loss
+      - {loss: pseudo_targets, on: detections, params: {score_threshold: 0.5}}   # any teacher family
 
 Unknown keys and wrong types are errors that name the key and the valid ones. Files are
 read with a ``yaml.SafeLoader``: no code in YAML.
@@ -28,7 +30,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import yaml
 
 from .._names import did_you_mean
-from ..core.outputs import MASK_OUTPUTS, ROI_OUTPUTS
+from ..core.outputs import DETECTIONS, KEYPOINT_OUTPUTS, MASK_OUTPUTS, ROI_OUTPUTS
 from ..core.terms import Term
 from ..core.weighting import class_weights as compute_class_weights
 from ..training.optim import OptimSettings
@@ -84,6 +86,7 @@ class DistillationConfig:
     self_distillation: Optional[dict[str, Any]] = None
     teacher_cache: bool = False
     teacher_cache_dtype: str = "float16"
+    logit_resolution: Optional[str] = None  # segmentation only; None: the SegmentationDistiller's default
 
 
 _TOP_KEYS = {
@@ -94,8 +97,10 @@ _TOP_KEYS = {
     "self_distillation": dict,
     "teacher_cache": bool,
     "teacher_cache_dtype": str,
+    "logit_resolution": str,
 }
 _TEACHER_CACHE_DTYPES = ("float16", "float32")
+_LOGIT_RESOLUTIONS = ("head", "input")  # densekd.segmentation.adapter.LOGIT_RESOLUTIONS
 
 
 def _check_keys(where: str, values: Mapping[str, Any], schema: Mapping[str, Any], required: Sequence[str] = ()) -> None:
@@ -130,6 +135,10 @@ def parse_distillation_config(values: Mapping[str, Any]) -> DistillationConfig:
     if values.get("teacher_cache_dtype", "float16") not in _TEACHER_CACHE_DTYPES:
         raise ConfigError(
             f"teacher_cache_dtype must be one of {', '.join(_TEACHER_CACHE_DTYPES)}, got {values['teacher_cache_dtype']!r}."
+        )
+    if "logit_resolution" in values and values["logit_resolution"] not in _LOGIT_RESOLUTIONS:
+        raise ConfigError(
+            f"logit_resolution must be one of {', '.join(_LOGIT_RESOLUTIONS)}, got {values['logit_resolution']!r}."
         )
     return DistillationConfig(**values)
 
@@ -208,6 +217,8 @@ def distiller_kwargs(config: DistillationConfig, total_iters: Optional[int] = No
     kwargs = {"teacher_geometry": config.teacher_geometry, "warmup_iters": warmup}
     if config.teacher_weights is not None:
         kwargs["teacher_weights"] = config.teacher_weights
+    if config.logit_resolution is not None:
+        kwargs["logit_resolution"] = config.logit_resolution
     if config.self_distillation is not None:
         kwargs.update(config.self_distillation)
     return kwargs
@@ -428,10 +439,15 @@ def _check_teacher_cache(config: ExperimentConfig) -> None:
     if distill.get("teacher_geometry", "student") != "student":
         blockers.append(f"distill.teacher_geometry={distill['teacher_geometry']!r}: use 'student'")
     for index, term in enumerate(distill.get("terms", [])):
-        if term.get("on") in ROI_OUTPUTS | MASK_OUTPUTS:
+        if term.get("on") in ROI_OUTPUTS | MASK_OUTPUTS | KEYPOINT_OUTPUTS:
             blockers.append(
                 f"distill.terms[{index}] ({term.get('loss')} on {term['on']}: the teacher's RoI heads run on the "
                 "student's proposals of each step, which cannot be computed ahead of time): drop the term"
+            )
+        elif term.get("on") == DETECTIONS:
+            blockers.append(
+                f"distill.terms[{index}] ({term.get('loss')} on {DETECTIONS}: the cache does not store the teacher's "
+                "detections): drop the term"
             )
     if blockers:
         raise ConfigError(
@@ -459,6 +475,7 @@ def load_experiment_config(
 MODELS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 _MODEL_KEYS = {
     "architecture": str, "backbone": str, "fpn_channels": int, "head_convs": int, "box_bias_init": (int, float),  # detection
+    "width_mult": (int, float),  # detection (SSDlite)
     "aspp_channels": int, "atrous_rates": list, "aux": bool, "inter_channels": int,  # segmentation
 }  # fmt: skip
 

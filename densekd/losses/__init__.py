@@ -38,6 +38,7 @@ from .features import (
     masked_imitation_loss,
     pearson_kd,
 )
+from .heatmaps import SpatialSoftmaxKD, spatial_softmax_kd
 from .logits import (
     BinaryKD,
     DecoupledKD,
@@ -52,6 +53,8 @@ from .logits import (
     kl_div_kd,
     margin_kd,
 )
+from .matched_boxes import MatchedGIoUKD, matched_giou_kd
+from .pseudo_targets import PseudoTargetKD, pseudo_target_kd
 from .segmentation import PairwiseAffinityKD, PixelKLKD, pairwise_affinity_kd, pixel_class_weights, pixel_kl_kd
 
 LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
@@ -75,6 +78,9 @@ LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
     "relation": relation_loss,
     "pixel_kl": pixel_kl_kd,
     "pairwise_affinity": pairwise_affinity_kd,
+    "spatial_kl": spatial_softmax_kd,
+    "pseudo_targets": pseudo_target_kd,
+    "matched_giou": matched_giou_kd,
 }
 
 
@@ -135,4 +141,12 @@ __all__ = [
     "pixel_class_weights",
     "PixelKLKD",
     "PairwiseAffinityKD",
+    # heatmaps
+    "spatial_softmax_kd",
+    "SpatialSoftmaxKD",
+    # teacher detections
+    "pseudo_target_kd",
+    "matched_giou_kd",
+    "PseudoTargetKD",
+    "MatchedGIoUKD",
 ]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..core.distiller_base import DistillerBase
 from ..core.taps import Tap
 from ..core.terms import Term
-from .adapter import SEGMENTATION_LOGIT_OUTPUTS, SegmentationAdapter
+from .adapter import SEGMENTATION_LOGIT_OUTPUTS, SegmentationAdapter, check_logit_resolution
 from .pairs import SegmentationStepContext, segmentation_term_loss
 from .trainer import check_masks, check_segmentation_settings, segmentation_losses
 
@@ -31,9 +31,12 @@ class SegmentationDistiller(DistillerBase):
     """Distill one or more frozen teachers into a torchvision segmentation model.
 
     The teacher sees exactly the student's input tensor (segmentation models take images that
-    the data pipeline already resized and normalized), so logits pair pixel by pixel; teacher
-    logits of another resolution are resized (bilinear) to the student's. Only what the terms
-    need is computed: the teacher's backbone alone for feature terms, its classifier for
+    the data pipeline already resized and normalized), so logits pair position by position.
+    Logit terms compare at ``logit_resolution``: by default the heads' own outputs, before
+    torchvision upsamples them to the input size, with the masks sampled at each head cell's
+    centre; teacher logits of another resolution are resized (bilinear) to the student's.
+    The student's own losses are always torchvision's, on the upsampled logits. Only what the
+    terms need is computed: the teacher's backbone alone for feature terms, its classifier for
     ``seg_logits``, its auxiliary classifier for ``aux_logits``; one teacher pass per step,
     shared by all terms.
 
@@ -51,6 +54,12 @@ class SegmentationDistiller(DistillerBase):
         ignore_index: mask label of pixels without ground truth; they are left out of the
             cross-entropies and of every logit term.
         teacher_geometry: only "student" (accepted so that detection settings carry over).
+        logit_resolution: where ``seg_logits``/``aux_logits`` terms compare. "head": the
+            classifiers' outputs (N, K, h, w) at the heads' strides (e.g. 1/8 or 1/16 of the
+            input side per axis), ground truth and ignore mask sampled there at each cell's
+            centre (``densekd.segmentation.pairs.masks_at``); "input": the forward's upsampled
+            (N, K, H, W) logits and the masks as they are (densekd before this setting), at
+            about stride^2 times the terms' time and memory.
         probe_size: side of the blank image of the construction-time dry run that infers
             feature shapes (connectors).
     """
@@ -69,7 +78,9 @@ class SegmentationDistiller(DistillerBase):
         ignore_index: int = 255,
         teacher_geometry: str = "student",
         probe_size: int = 128,
+        logit_resolution: str = "head",
     ):
+        check_logit_resolution(logit_resolution)
         super().__init__(student, teachers, terms, teacher_weights, warmup_iters)
         if teacher_geometry != "student":
             raise ValueError(
@@ -80,8 +91,9 @@ class SegmentationDistiller(DistillerBase):
         self.aux_weight = float(aux_weight)
         self.ignore_index = ignore_index
         self.label_smoothing = float(label_smoothing)
-        self.student_adapter = SegmentationAdapter(student)
-        self.teacher_adapters = [SegmentationAdapter(t) for t in self.teachers]
+        self.logit_resolution = logit_resolution
+        self.student_adapter = SegmentationAdapter(student, logit_resolution)
+        self.teacher_adapters = [SegmentationAdapter(t, logit_resolution) for t in self.teachers]
         self._check_terms()
         self._teacher_needs = {term.on for term in self.terms}
         student_shapes = self._probe(self.student_adapter, probe_size)

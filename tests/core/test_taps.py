@@ -1,11 +1,12 @@
 """Taps record without changing what the model computes."""
 import pytest
 import torch
+from assertions import assert_same
+from tiny_detectors import BUILDERS, NUM_CLASSES, make_batch
 from torch import nn
 from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
 
 from densekd import Tap, adapter_for
-from tiny_detectors import BUILDERS, NUM_CLASSES, make_batch
 
 
 def _run(model, images, targets, tapped: bool, seed: int = 3):
@@ -19,28 +20,15 @@ def _run(model, images, targets, tapped: bool, seed: int = 3):
     return result
 
 
-def _assert_same(a, b):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _assert_same(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_same(x, y)
-    else:
-        assert torch.equal(a, b)
-
-
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_tapped_equals_untapped_in_training_and_evaluation(family):
     model = BUILDERS[family]()
     images, targets = make_batch(num_images=3)
     model.train()
-    _assert_same(_run(model, images, targets, tapped=True), _run(model, images, targets, tapped=False))
+    assert_same(_run(model, images, targets, tapped=True), _run(model, images, targets, tapped=False))
     model.eval()
     with torch.no_grad():
-        _assert_same(_run(model, images, None, tapped=True), _run(model, images, None, tapped=False))
+        assert_same(_run(model, images, None, tapped=True), _run(model, images, None, tapped=False))
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "hooks left behind"
 
 

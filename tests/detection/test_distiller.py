@@ -87,11 +87,11 @@ def test_output_missing_from_a_family_is_named():
 
 def test_per_anchor_terms_with_mismatched_anchors_say_what_still_works():
     teacher = build_retinanet(anchor_sizes=(32, 64, 128, 256, 512))
-    with pytest.raises(ValueError, match=r"anchors differ.*Terms that still work: feature terms"):
+    with pytest.raises(ValueError, match=r"anchors differ.*Terms that still work: features \("):
         Distiller(build_retinanet(), teacher, [Term("binary_kd", "cls_logits")])
     Distiller(build_retinanet(), teacher, [Term("cwd", "features")])  # features still pair
     teacher = build_rcnn(anchor_sizes=(32, 64, 128, 256))
-    with pytest.raises(ValueError, match=r"(?s)anchors differ.*RoI terms"):
+    with pytest.raises(ValueError, match=r"(?s)anchors differ.*roi_class_logits \(kl"):
         Distiller(build_rcnn(), teacher, [Term("binary_kd", "rpn_objectness")])
     Distiller(build_rcnn(), teacher, [Term("kl", "roi_class_logits")])  # RoIs pair through proposals
 

@@ -1,9 +1,10 @@
 """Tiny torchvision detectors for the core tests: 64 px images, narrow FPNs, one-block ResNets."""
 import torch
 from torch import nn
-from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection import FCOS, FasterRCNN, KeypointRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
@@ -68,6 +69,41 @@ def make_batch(seed: int = 0, num_images: int = 2):
         for m, box in zip(masks, boxes.long()):
             m[box[1] : box[3], box[0] : box[2]] = 1
         targets.append({"boxes": boxes, "labels": labels, "masks": masks})
+    return images, targets
+
+
+NUM_KEYPOINTS = 3
+# Per GT box of make_batch, (K_kp, 3) keypoints x, y, visibility (0: not labelled), inside the box.
+KEYPOINTS = torch.tensor(
+    [
+        [[10.0, 12.0, 2.0], [20.0, 30.0, 1.0], [26.0, 36.0, 0.0]],  # in [4, 6, 30, 40]
+        [[30.0, 20.0, 2.0], [50.0, 50.0, 0.0], [40.0, 30.0, 2.0]],  # in [24, 12, 60, 58]
+    ]
+)
+
+
+def build_keypoint_rcnn(fpn_width=32, head_width=32, num_keypoints=NUM_KEYPOINTS, num_classes=NUM_CLASSES):
+    """build_rcnn's model with a keypoint branch: a two-conv head (torchvision's default stacks
+    eight 512-wide convs) and torchvision's predictor, so heatmaps stay 56 x 56."""
+    anchors = AnchorGenerator(((16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 4)
+    return KeypointRCNN(
+        tiny_backbone(fpn_width, one_stage=False),
+        num_classes=num_classes + 1,
+        rpn_anchor_generator=anchors,
+        rpn_batch_size_per_image=64,
+        box_batch_size_per_image=32,
+        keypoint_head=KeypointRCNNHeads(fpn_width, (head_width, head_width)),
+        keypoint_predictor=KeypointRCNNPredictor(head_width, num_keypoints),
+        **SIZE_ARGS,
+    )
+
+
+def make_keypoint_batch(seed: int = 0, num_images: int = 2):
+    """make_batch's images and boxes with KEYPOINTS instead of masks (a third image has none)."""
+    images, targets = make_batch(seed, num_images)
+    for target in targets:
+        del target["masks"]
+        target["keypoints"] = KEYPOINTS[: len(target["boxes"])].clone()  # (G, K_kp, 3)
     return images, targets
 
 

@@ -71,3 +71,21 @@ def make_batch(seed: int = 0, num_images: int = 2, size: int = IMAGE_SIZE):
     masks[:, size // 2 + 4 : size // 2 + 8, size // 2 + 4 : size // 2 + 8] = 3  # a small, rare class
     masks[:, :2, :] = IGNORE  # void, as VOC's object boundaries
     return images, masks
+
+
+def deterministic(model):
+    """Dropout off and BatchNorm on running statistics, so a training-mode student computes
+    what an eval-mode copy of it computes (as frozen BatchNorm does for detectors)."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Dropout, torch.nn.BatchNorm2d)):
+            module.eval()
+    return model
+
+
+def opinionated(teacher):
+    """A random head predicts near-uniform classes; a perturbed one has opinions to distil."""
+    with torch.no_grad():
+        for module in teacher.classifier.modules():
+            if isinstance(module, torch.nn.Conv2d) and module.out_channels == NUM_CLASSES:
+                module.weight.add_(torch.randn_like(module.weight) * 0.5)
+    return teacher

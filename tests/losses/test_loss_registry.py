@@ -7,7 +7,8 @@ from densekd.losses import LOSSES, get_loss, kl_div_kd
 EXPECTED_NAMES = {
     "kl", "binary_kd", "focal_binary_kd", "focal_kl", "margin", "dkd", "delta_l1", "delta_l2",
     "delta_smooth_l1", "teacher_bounded", "giou", "hint", "masked_imitation", "cwd", "pkd",
-    "attention", "channel_attention", "relation", "pixel_kl", "pairwise_affinity",
+    "attention", "channel_attention", "relation", "pixel_kl", "pairwise_affinity", "spatial_kl",
+    "pseudo_targets", "matched_giou",
 }
 
 
@@ -68,6 +69,7 @@ SHELLS = [
     (losses.SpatialAttentionLoss(), losses.spatial_attention_loss, (MAPS, MAPS_T)),
     (losses.ChannelAttentionLoss(), losses.channel_attention_loss, (MAPS, MAPS_T)),
     (losses.RelationLoss(), losses.relation_loss, (MAPS, MAPS_T)),
+    (losses.SpatialSoftmaxKD(2.0), lambda *a: losses.spatial_softmax_kd(*a, temperature=2.0), (MAPS, MAPS_T)),
 ]
 
 

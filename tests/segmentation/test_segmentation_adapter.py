@@ -31,7 +31,7 @@ def test_tapped_equals_untapped_and_features_are_recorded(family):
             plain, _ = _forward(model, images, tapped=False)
         assert tapped.keys() == plain.keys()
         assert all(torch.equal(tapped[k], plain[k]) for k in plain)
-    outputs = SegmentationAdapter(model).collect(records, tapped, masks)
+    outputs = SegmentationAdapter(model, logit_resolution="input").collect(records, tapped, masks)  # the forward's logits
     assert list(outputs.features) == (["low", "high"] if family == "lraspp" else list(model.backbone(images)))
     assert outputs.seg_logits.shape == (2, NUM_CLASSES, 64, 64)
     assert (outputs.aux_logits is not None) == ("aux" in tapped)
@@ -41,7 +41,7 @@ def test_tapped_equals_untapped_and_features_are_recorded(family):
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_teacher_driven_by_submodules_matches_its_own_forward(family):
     teacher = BUILDERS[family]().eval()
-    adapter = SegmentationAdapter(teacher)
+    adapter = SegmentationAdapter(teacher, logit_resolution="input")  # logits upsampled as the forward does
     images, _ = make_batch(seed=1)
     with torch.no_grad():
         expected = teacher(images)
@@ -85,7 +85,7 @@ def test_torchvision_builders_expose_their_levels():
         (deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=True), ["aux", "out"], True),
         (lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=NUM_CLASSES), ["low", "high"], False),
     ]:
-        adapter = SegmentationAdapter(model.eval())
+        adapter = SegmentationAdapter(model.eval(), logit_resolution="input")
         with torch.no_grad():
             outputs = adapter.run(images, adapter.provides)
             expected = model(images)

@@ -14,7 +14,9 @@ from tiny_segmenters import (
     build_deeplabv3_mobilenet,
     build_fcn,
     build_lraspp,
+    deterministic,
     make_batch,
+    opinionated,
 )
 
 from densekd import Distiller, SegmentationDistiller, Term, class_weights, segmentation_class_counts
@@ -27,24 +29,6 @@ from densekd.segmentation.pairs import SegmentationStepContext, fuse_over_positi
 
 def _kd(losses):
     return {k: v for k, v in losses.items() if k.startswith("kd_")}
-
-
-def _deterministic(model):
-    """Dropout off and BatchNorm on running statistics, so a training-mode student computes
-    what an eval-mode copy of it computes (as frozen BatchNorm does for detectors)."""
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Dropout, torch.nn.BatchNorm2d)):
-            module.eval()
-    return model
-
-
-def _opinionated(teacher):
-    """A random head predicts near-uniform classes; a perturbed one has opinions to distil."""
-    with torch.no_grad():
-        for module in teacher.classifier.modules():
-            if isinstance(module, torch.nn.Conv2d) and module.out_channels == NUM_CLASSES:
-                module.weight.add_(torch.randn_like(module.weight) * 0.5)
-    return teacher
 
 
 ZERO_WHEN_EQUAL_TERMS = [
@@ -66,7 +50,7 @@ ZERO_WHEN_EQUAL_TERMS = [
 def test_identical_teacher_gives_zero_for_every_segmentation_term():
     student = build_fcn()
     distiller = SegmentationDistiller(student, copy.deepcopy(student), copy.deepcopy(ZERO_WHEN_EQUAL_TERMS)).train()
-    _deterministic(student)
+    deterministic(student)
     losses = distiller(*make_batch())
     kd = {k: v.item() for k, v in _kd(losses).items()}
     assert len(kd) == len(ZERO_WHEN_EQUAL_TERMS)
@@ -75,11 +59,11 @@ def test_identical_teacher_gives_zero_for_every_segmentation_term():
 
 
 def test_pixel_term_equals_a_hand_computation_with_void_class_weights_and_temperatures():
-    student, teacher = build_lraspp(), _opinionated(build_deeplabv3_mobilenet())
+    student, teacher = build_lraspp(), opinionated(build_deeplabv3_mobilenet())
     images, masks = make_batch()
     weights = class_weights(segmentation_class_counts(masks, NUM_CLASSES), method="inverse")
     term = Term("pixel_kl", "seg_logits", temperature=2.0, class_weights=weights, class_temperature_spread=1.0)
-    distiller = SegmentationDistiller(student, teacher, [term]).train()
+    distiller = SegmentationDistiller(student, teacher, [term], logit_resolution="input").train()  # at 64 x 64
     recorded = {}
     student.register_forward_hook(lambda module, args, output: recorded.update(output))
     distiller(images, masks)
@@ -137,13 +121,13 @@ def test_feature_only_terms_stop_the_teacher_after_its_backbone():
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_distillation_steps_lower_kd_loss_and_keep_student_plain(family):
-    teacher = _opinionated(build_fcn())
+    teacher = opinionated(build_fcn())
     student = BUILDERS[family]()
     terms = [Term("pixel_kl", "seg_logits", temperature=2.0), Term("hint", "features", weight=0.1)]
     if family in ("fcn", "deeplabv3_mobilenet"):
         terms.append(Term("pixel_kl", "aux_logits"))
     distiller = SegmentationDistiller(student, teacher, terms).train()
-    _deterministic(student)  # a fixed function of the weights: the kd loss must fall
+    deterministic(student)  # a fixed function of the weights: the kd loss must fall
     teacher_before = copy.deepcopy(teacher.state_dict())
     optimizer = torch.optim.Adam(distiller.trainable_parameters(), lr=1e-3)
     images, masks = make_batch()
@@ -169,7 +153,7 @@ def test_distillation_steps_lower_kd_loss_and_keep_student_plain(family):
 
 # --- several teachers --------------------------------------------------------------------------
 def test_two_copies_of_one_teacher_distil_like_that_teacher():
-    student, teacher = build_lraspp(), _opinionated(build_deeplabv3_mobilenet())
+    student, teacher = build_lraspp(), opinionated(build_deeplabv3_mobilenet())
     terms = [
         Term("pixel_kl", "seg_logits", temperature=2.0),
         Term("cwd", "seg_logits", temperature=3.0),
@@ -183,7 +167,7 @@ def test_two_copies_of_one_teacher_distil_like_that_teacher():
     connectors = single.connectors.state_dict()
     double.connectors.load_state_dict({**connectors, **{k.replace("teacher0", "teacher1"): v for k, v in connectors.items()}})
     for distiller in (single, double):
-        _deterministic(distiller.student)
+        deterministic(distiller.student)
     images, masks = make_batch()
     one, two = _kd(single(images, masks)), _kd(double(images, masks))
     for key in one:

@@ -1,5 +1,6 @@
 """``tools/bench_overhead.py --quick --json`` runs end to end and reports every family, positive
 ratios, peak memory and agreeing COCO evaluators. Timings are never asserted."""
+import dataclasses
 import json
 import math
 import os
@@ -75,13 +76,17 @@ def _bench_modules():
     return families, workload
 
 
-@pytest.mark.parametrize("family_name", ["fcos", "deeplabv3"])
-def test_rows_k_and_t_compute_what_the_distiller_computes(family_name):
+@pytest.mark.parametrize(
+    "family_name, options", [("fcos", {}), ("deeplabv3", {}), ("deeplabv3", {"logit_resolution": "input"})]
+)
+def test_rows_k_and_t_compute_what_the_distiller_computes(family_name, options):
     """Rows (k) and (t) time the distiller's own terms and teacher work: evaluated on the
-    recorded outputs, the terms equal the distiller's kd entries for the same batch."""
+    recorded outputs, the terms equal the distiller's kd entries for the same batch (a
+    segmenter's logits at the distiller's resolution)."""
     families, workload = _bench_modules()
     torch.set_num_threads(1)
-    w = workload.Workload(families.FAMILIES[family_name], families.QUICK_SCALE, torch.device("cpu"), torch.float32)
+    family = dataclasses.replace(families.FAMILIES[family_name], distiller_options=options)
+    w = workload.Workload(family, families.QUICK_SCALE, torch.device("cpu"), torch.float32)
     distiller, _ = w.full
     torch.manual_seed(0)  # the same dropout draws (DeepLabV3's ASPP and aux head) in both student forwards
     losses = distiller(w.images, w.targets)  # iteration 0, as the recorded context
@@ -89,7 +94,23 @@ def test_rows_k_and_t_compute_what_the_distiller_computes(family_name):
     student, teacher = w.recorded_step
     context, term_loss = w.family.internals.term_losses(distiller, student, teacher)
     assert len(distiller.terms) >= 4
+    if family_name == "deeplabv3":  # 64 px, "out" at stride 16: 4 x 4 logits at the head's resolution
+        side = 64 if options.get("logit_resolution") == "input" else 4
+        assert student.seg_logits.shape[-2:] == teacher.seg_logits.shape[-2:] == (side, side)
     for term in distiller.terms:
         expected = losses[term.key].detach()
         assert expected.abs() > 0, term.key
         torch.testing.assert_close(float(term.weight_at(0)) * term_loss(term, context).detach(), expected, rtol=1e-4, atol=1e-6, msg=term.key)
+
+
+def test_the_segmentation_logit_resolution_option_reaches_the_segmentation_family_only():
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import bench_overhead
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    settings = {"seg_logit_resolution": "input"}
+    assert bench_overhead.family_of("deeplabv3", settings).distiller_options == {"logit_resolution": "input"}
+    assert bench_overhead.family_of("fcos", settings).distiller_options == {}
+    assert bench_overhead.family_of("deeplabv3", {"seg_logit_resolution": None}).distiller_options == {}  # the default
+    assert bench_overhead.parse_args(["--seg-logit-resolution", "head"]).seg_logit_resolution == "head"

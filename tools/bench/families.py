@@ -9,9 +9,9 @@ segmentation family (DeepLabV3) lives in ``bench/segmentation.py``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -197,6 +197,7 @@ class Family:
     teacher_features: Callable[..., object] = detection_features  # (model, images), eval, no_grad
     internals: type = DetectionInternals  # student records, teacher work and terms alone (bench/internals.py)
     neck: str = "FPN"  # what the widths of Scale's ModelSpecs size, as printed
+    distiller_options: Mapping[str, Any] = field(default_factory=dict)  # more Distiller arguments, e.g. logit_resolution
 
 
 FAMILIES: dict[str, Family] = {

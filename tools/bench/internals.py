@@ -53,11 +53,13 @@ class DetectionInternals:
 
 
 class SegmentationInternals:
-    """A torchvision segmentation model: the teacher sees the student's input tensor itself."""
+    """A torchvision segmentation model: the teacher sees the student's input tensor itself. The
+    full recipe's distiller's adapters record and run the models, so that the logits come at its
+    ``logit_resolution``."""
 
     @staticmethod
     def record_student(w: "Workload") -> tuple[Tensor, Any]:
-        adapter = adapter_for(w.student)
+        adapter = w.full[0].student_adapter
         with torch.no_grad(), Tap(w.student, outputs=adapter.tap_outputs()) as tap:
             result = w.student(w.images)
             records = tap.read()
@@ -66,7 +68,7 @@ class SegmentationInternals:
 
     @staticmethod
     def run_teacher(w: "Workload", images: Tensor, student, needs: set[str]):
-        return adapter_for(w.teacher).run(images, needs)
+        return w.full[0].teacher_adapters[0].run(images, needs)
 
     @staticmethod
     def input_dtype(images: Tensor) -> torch.dtype:

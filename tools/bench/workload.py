@@ -39,7 +39,8 @@ class Workload:
         self.student.train()
 
     def _distiller(self, terms) -> tuple[Distiller, torch.optim.Optimizer]:
-        distiller = Distiller(self.student, self.teacher, terms, probe_size=self.scale.image_size).train()
+        options = self.family.distiller_options
+        distiller = Distiller(self.student, self.teacher, terms, probe_size=self.scale.image_size, **options).train()
         return distiller, torch.optim.SGD(distiller.trainable_parameters(), lr=LEARNING_RATE, momentum=0.9)
 
     @cached_property

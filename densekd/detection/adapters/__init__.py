@@ -13,19 +13,26 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.ssd import SSD
 
 from ...core.taps import unwrap_model
 from .base import DetectorAdapter, decode_boxes, encode_boxes
 from .one_stage import FCOSAdapter, RetinaNetAdapter
 from .rcnn import RCNNAdapter
+from .ssd import SSDAdapter
 
-__all__ = ["DetectorAdapter", "FCOSAdapter", "RCNNAdapter", "RetinaNetAdapter", "adapter_for", "decode_boxes", "encode_boxes"]
+__all__ = [
+    "DetectorAdapter", "FCOSAdapter", "RCNNAdapter", "RetinaNetAdapter", "SSDAdapter", "adapter_for", "decode_boxes",
+    "encode_boxes",
+]
 
-_ADAPTERS: dict[type, type] = {GeneralizedRCNN: RCNNAdapter, RetinaNet: RetinaNetAdapter, FCOS: FCOSAdapter}
+_ADAPTERS: dict[type, type] = {
+    GeneralizedRCNN: RCNNAdapter, RetinaNet: RetinaNetAdapter, FCOS: FCOSAdapter, SSD: SSDAdapter,
+}
 
 
 def adapter_for(model: nn.Module) -> DetectorAdapter:
-    """The adapter of a torchvision detector (FasterRCNN, MaskRCNN, RetinaNet, FCOS)."""
+    """The adapter of a torchvision detector (FasterRCNN, MaskRCNN, RetinaNet, FCOS, SSD/SSDlite)."""
     inner = unwrap_model(model)
     for model_type, adapter_type in _ADAPTERS.items():
         if isinstance(inner, model_type):

@@ -11,7 +11,7 @@ from torchvision.models.detection._utils import BoxLinearCoder
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
-from ...core.outputs import FEATURES, DenseOutputs
+from ...core.outputs import ANCHOR_HEAD_OUTPUTS, FEATURES, DenseOutputs
 from ...core.taps import unwrap_model
 from ...core.weighting import label_channel_layout
 
@@ -37,6 +37,9 @@ class DetectorAdapter(ABC):
     provides: frozenset[str] = frozenset({FEATURES})
     #: box outputs whose anchors/RoIs can be matched to ground truth (teacher-bounded terms)
     matchable_box_outputs: frozenset[str] = frozenset()
+    #: True where feature maps are named by position, not FPN level (SSD), so that feature terms
+    #: pair them with another model's maps by stride rather than by name
+    pairs_levels_by_stride: bool = False
 
     def __init__(self, model: nn.Module):
         self.model = unwrap_model(model)
@@ -84,6 +87,11 @@ class DetectorAdapter(ABC):
 
     def missing_output_hint(self, output: str) -> str:
         """How to get ``output`` from a model of this family that lacks it ('' when no advice)."""
+        if output in ANCHOR_HEAD_OUTPUTS:
+            return (
+                f" {output!r} is an SSD head's (a softmax over K + 1 per default box): it pairs only between "
+                f"SSD-family models, not with a {type(self.model).__name__}."
+            )
         return ""
 
     def features_of(self, images_tensor: Tensor) -> "dict[str, Tensor]":

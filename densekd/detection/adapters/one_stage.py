@@ -7,7 +7,7 @@ from typing import Any
 from torch import Tensor
 from torchvision.models.detection.image_list import ImageList
 
-from ...core.outputs import DENSE_HEAD_OUTPUTS, FEATURES, DenseOutputs
+from ...core.outputs import DENSE_HEAD_OUTPUTS, DETECTIONS, FEATURES, DenseOutputs
 from .base import DetectorAdapter, match_with
 
 
@@ -63,7 +63,7 @@ class _OneStageAdapter(DetectorAdapter):
 
 
 class RetinaNetAdapter(_OneStageAdapter):
-    provides = frozenset({FEATURES, "cls_logits", "box_regression"})
+    provides = frozenset({FEATURES, DETECTIONS, "cls_logits", "box_regression"})
     matchable_box_outputs = frozenset({"box_regression"})
 
     def match_anchors(self, output_name: str, anchors: list[Tensor], gt_boxes: list[Tensor]) -> list[Tensor]:
@@ -73,7 +73,7 @@ class RetinaNetAdapter(_OneStageAdapter):
 
 
 class FCOSAdapter(_OneStageAdapter):
-    provides = frozenset({FEATURES, "cls_logits", "box_regression", "centerness"})
+    provides = frozenset({FEATURES, DETECTIONS, "cls_logits", "box_regression", "centerness"})
 
     def _fill_head(self, head_outputs: dict[str, Tensor], outputs: DenseOutputs) -> None:
         super()._fill_head(head_outputs, outputs)
