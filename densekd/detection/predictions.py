@@ -60,11 +60,22 @@ MIN_DETECTION_SIDE = 1.0
 
 
 # --- teacher side: the model's own eval-mode detections ----------------------------------------
+def _recorded_or_run(adapter: DetectorAdapter, features: list[Tensor], outputs: DenseOutputs, fields: dict) -> dict:
+    """The dense head's outputs (torchvision's key -> densekd's field in ``fields``): those the
+    adapter already computed for per-anchor terms this step, else one run of the head."""
+    recorded = {key: getattr(outputs, field) for key, field in fields.items()}
+    if "centerness" in adapter.provides:  # FCOS: its post-processing also reads the centerness
+        recorded["bbox_ctrness"] = None if outputs.centerness is None else outputs.centerness[..., None]  # (N, HWA, 1)
+    if any(value is None for value in recorded.values()):
+        return adapter.model.head(features)  # each (N, HWA, ...)
+    return recorded
+
+
 def _one_stage_detections(adapter: DetectorAdapter, images: ImageList, outputs: DenseOutputs) -> Detections:
     """RetinaNet and FCOS, as their ``forward`` does in eval mode up to ``transform.postprocess``."""
     model = adapter.model
     features = list(outputs.features.values())
-    head_outputs = model.head(features)  # each (N, HWA, ...)
+    head_outputs = _recorded_or_run(adapter, features, outputs, {"cls_logits": "cls_logits", "bbox_regression": "box_regression"})
     anchors = model.anchor_generator(images, features)
     locations = [f.shape[-2] * f.shape[-1] for f in features]
     per_location = head_outputs["cls_logits"].shape[1] // sum(locations)  # A (RetinaNet), 1 (FCOS)
@@ -78,7 +89,10 @@ def _ssd_detections(adapter: DetectorAdapter, images: ImageList, outputs: DenseO
     model = adapter.model
     features = list(outputs.features.values())
     anchors = model.anchor_generator(images, features)
-    return model.postprocess_detections(model.head(features), anchors, images.image_sizes)
+    head_outputs = _recorded_or_run(
+        adapter, features, outputs, {"cls_logits": "anchor_class_logits", "bbox_regression": "anchor_box_regression"}
+    )
+    return model.postprocess_detections(head_outputs, anchors, images.image_sizes)
 
 
 def _rcnn_detections(adapter: DetectorAdapter, images: ImageList, outputs: DenseOutputs) -> Detections:

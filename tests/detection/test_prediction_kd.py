@@ -222,3 +222,25 @@ def test_teacher_cache_refuses_detection_terms():
     distill = {"teacher_cache": True, "terms": [{"loss": "pseudo_targets", "on": "detections"}]}
     with pytest.raises(ConfigError, match=r"terms\[0\] \(pseudo_targets on detections: the cache does not store"):
         parse_experiment_config({"distill": distill})
+
+
+@pytest.mark.parametrize("build", [build_fcos, build_retinanet])
+def test_teacher_detections_reuse_the_dense_head_outputs_per_anchor_terms_computed(build):
+    # A same-family pair with a per-anchor term and a detection term: the teacher's head runs once,
+    # and the detections from its recorded outputs equal those of a fresh run of the head.
+    teacher = build().eval()
+    images, _ = make_batch(num_images=2)
+    adapter = adapter_for(teacher)
+    with torch.no_grad():
+        batch, _ = teacher.transform(images)
+        outputs = adapter.run(batch, {"features", "cls_logits", "box_regression", "centerness"}, None)
+        calls = []
+        teacher.head.register_forward_hook(lambda module, args, result: calls.append(1))
+        reused = predictions.teacher_detections(adapter, batch, outputs, batch.image_sizes)
+        assert calls == []
+        outputs.cls_logits = None  # nothing recorded: the head runs
+        fresh = predictions.teacher_detections(adapter, batch, outputs, batch.image_sizes)
+        assert calls == [1]
+    for a, b in zip(reused, fresh):
+        for key in ("boxes", "labels", "scores"):
+            assert torch.equal(a[key], b[key])
