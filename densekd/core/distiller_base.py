@@ -146,11 +146,13 @@ class DistillerBase(nn.Module):
                         f"num_classes and category order, or distill features only.{self._pairing_hint()}"
                     )
             self._check_family_term(term)
-            if term.class_weights is not None and term.class_weights.numel() not in self.student_adapter.label_counts:
-                raise ValueError(
-                    f"Term {term.name!r}: class_weights has {term.class_weights.numel()} entries; "
-                    f"{self._class_weights_layout()}."
-                )
+            for field_name in ("class_weights", "raise_only_classes"):
+                per_class = getattr(term, field_name)
+                if per_class is not None and per_class.numel() not in self.student_adapter.label_counts:
+                    raise ValueError(
+                        f"Term {term.name!r}: {field_name} has {per_class.numel()} entries; "
+                        f"{self._class_weights_layout()}."
+                    )
 
     def _check_family_term(self, term: Term) -> None:
         """Family-specific rules for one term (raise ValueError)."""

@@ -97,6 +97,16 @@ class Term:
             (``densekd.core.weighting.per_class_temperature``); needs ``class_weights``.
         confidence_weighting: weight positions by the teacher's confidence; default on
             for box deltas and centerness, off otherwise.
+        raise_only_classes: (C,) bool in the label layout of ``class_weights``, for ``cls_logits``
+            terms: on these classes' channels the term may raise the student's score towards the
+            teacher's but never lower it. An element where the teacher's logit is below the
+            student's is left out. Equalization Loss (Tan et al. 2020, "Equalization Loss for
+            Long-Tailed Object Recognition", CVPR) drops the negative gradients that other classes'
+            samples send to rare classes, because they outnumber the rare class's few positives. KD
+            sends the same flood: a student that cannot yet tell a rare class from its frequent
+            lookalikes meets the teacher's "not this class" at every lookalike, and on the embedded set
+            the rare channels fall to a flat 0.5 % everywhere (README, "Why distillation erased the rare
+            classes"). The student's own loss still lowers these scores where they are wrong.
         name: key suffix in the loss dict (``kd_<name>``); defaults to ``<on>_<loss>``.
         balance: scale the term to ``balance`` times the student's own loss (the sum of its
             torchvision losses), so a loss whose raw magnitude is far from the detection
@@ -117,6 +127,7 @@ class Term:
     class_weights: Optional[Tensor] = None
     class_temperature_spread: float = 0.0
     confidence_weighting: Optional[bool] = None
+    raise_only_classes: Optional[Tensor] = None
     name: Optional[str] = None
     balance: Optional[float] = None
     balance_iters: int = 50
@@ -146,6 +157,15 @@ class Term:
             self.class_weights = torch.as_tensor(self.class_weights, dtype=torch.float32)
             if self.class_weights.ndim != 1 or bool((self.class_weights < 0).any()):
                 raise ValueError(f"Term {self.name!r}: class_weights must be a 1-D tensor of non-negative weights.")
+        if self.raise_only_classes is not None:
+            if self.on != "cls_logits":
+                raise ValueError(
+                    f"Term {self.name!r}: raise_only_classes applies to the per-class sigmoids of 'cls_logits' "
+                    f"(RetinaNet, FCOS), not to {self.on!r}."
+                )
+            self.raise_only_classes = torch.as_tensor(self.raise_only_classes, dtype=torch.bool)
+            if self.raise_only_classes.ndim != 1:
+                raise ValueError(f"Term {self.name!r}: raise_only_classes must be a 1-D tensor, one flag per class.")
         if self.class_temperature_spread:
             if self.class_weights is None or not takes_temperature:
                 raise ValueError(

@@ -182,6 +182,10 @@ def _sigmoid_logits(term: Term, ctx: StepContext) -> Tensor:
         weights = weights * ctx.per_label(term.class_weights).to(student.device)  # (N, HWA, 1) * (C,)
     elif term.class_weights is not None:  # centerness: weight of the teacher's top class
         weights = weights * ctx.top_class_weights(term.class_weights)
+    if term.raise_only_classes is not None:
+        raise_only = ctx.per_label(term.raise_only_classes.float(), fill=0.0).to(student.device).bool()  # (C,)
+        lowers = teacher < student.detach()  # (N, HWA, C): this element would push the student's score down
+        weights = weights * ~(raise_only & lowers)  # (N, HWA, C)
     return term.loss_fn(student, teacher, temperature=temperature, weights=weights, **term.params)
 
 

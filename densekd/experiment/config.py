@@ -10,7 +10,8 @@ A distillation config is a flat mapping::
     teacher_cache_dtype: float16         # or float32
     logit_resolution: head               # segmentation: logit terms at the heads' resolution, or "input"
     terms:
-      - {loss: binary_kd, on: cls_logits, temperature: 2.0, confidence_weighting: true}
+      - {loss: binary_kd, on: cls_logits, temperature: 2.0, confidence_weighting: true,
+         raise_only_groups: [r, c]}   # rare/common classes: KD raises their scores, never lowers them
       - {loss: cwd, on: features, weight: 0.5, levels: ["0", "1", "2"]}
       - {loss: kl, on: roi_class_logits, class_weights: {method: sqrt_inverse}}
       - {loss: masked_imitation, on: features, balance: 0.5}   # scaled to 0.5 x the student's loss
@@ -33,6 +34,7 @@ from .._names import did_you_mean
 from ..core.outputs import DETECTIONS, KEYPOINT_OUTPUTS, MASK_OUTPUTS, ROI_OUTPUTS
 from ..core.terms import Term
 from ..core.weighting import class_weights as compute_class_weights
+from ..data.long_tail import LVIS_FREQUENCIES, lvis_frequency_of_counts
 from ..training.optim import OptimSettings
 
 _TERM_KEYS = {
@@ -45,6 +47,7 @@ _TERM_KEYS = {
     "class_weights": dict,
     "class_temperature_spread": (int, float),
     "confidence_weighting": bool,
+    "raise_only_groups": list,
     "name": str,
     "balance": (int, float),
     "balance_iters": int,
@@ -204,11 +207,24 @@ def build_terms(
                     f"terms[{index}] asks for class_weights; pass the training set's per-class image counts."
                 )
             spec["class_weights"] = compute_class_weights(image_counts, annotation_counts, **weight_spec)
+        groups = spec.pop("raise_only_groups", None)
+        if groups is not None:
+            spec["raise_only_classes"] = _classes_in_groups(groups, image_counts, f"terms[{index}].raise_only_groups")
         try:
             terms.append(Term(**spec))
         except ValueError as error:
             raise ConfigError(f"terms[{index}]: {error}") from None
     return terms
+
+
+def _classes_in_groups(groups: Sequence[str], image_counts: Optional[Sequence[int]], where: str) -> list[bool]:
+    """(K,) whether each class's LVIS frequency group (from its training-image count) is in ``groups``."""
+    unknown = [g for g in groups if g not in LVIS_FREQUENCIES]
+    if unknown:
+        raise ConfigError(f"{where}: unknown group(s) {unknown}; groups are 'r' (rare), 'c' (common), 'f' (frequent).")
+    if image_counts is None:
+        raise ConfigError(f"{where} needs the training set's per-class image counts to find each class's group.")
+    return [group in groups for group in lvis_frequency_of_counts(image_counts)]
 
 
 def distiller_kwargs(config: DistillationConfig, total_iters: Optional[int] = None) -> dict[str, Any]:
