@@ -5,6 +5,7 @@ more than the seed noise, far from the teacher (short schedule) and closer to it
     python tools/bench_recipes.py --quick --output runs/bench_quick     # smoke run (~2 min): tiny data and budgets
     python tools/bench_recipes.py --recipes vanilla_kd long_tail --seeds 0 1 2 3 4
     python tools/bench_recipes.py --json --output runs/bench_recipes > bench.json   # results.json on stdout
+    python tools/bench_recipes.py --recipes vanilla_kd --seeds 0 --keep-students   # + each student's weights
 
 On the demo's embedded long-tailed dataset (configs/experiments/demo.yaml: 2000 train / 300
 class-balanced val images of 96 px, 12 classes) it trains, for every seed and schedule, the
@@ -18,7 +19,8 @@ LVIS-style APr/APc/APf, training seconds). It writes, in --output:
                   by side, both schedules
     results.json  every per-seed run, the teacher's metrics, the summary and the table
     runs/         one JSON per finished (schedule, recipe, seed), written atomically as soon
-                  as that run ends
+                  as that run ends; with --keep-students also the student's state_dict beside it
+                  (same name, .pth; for tools/eval_det.py --ckpt, e.g. with --per-class)
 
 Significance (densekd.evaluation.gains): runs are paired by seed (a recipe and the baseline
 trained with seed s share initial weights and batch order); the gain is the mean of the
@@ -108,7 +110,9 @@ from densekd.experiment.config import (  # noqa: E402
     read_yaml,
 )
 from densekd.experiment.phases import DataFiles, data_files, prepare_teachers, train_student  # noqa: E402
+from densekd.data.categories import write_categories  # noqa: E402
 from densekd.training import TrainingInterrupted  # noqa: E402
+from densekd.training.checkpoints import save_checkpoint  # noqa: E402
 
 DEFAULT_CONFIG = TOOLS.parent / "configs" / "experiments" / "demo.yaml"
 BASELINE = "baseline"
@@ -145,6 +149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="override a config value of every run, e.g. optim.lr=0.002")  # fmt: skip
     parser.add_argument("--output", default="runs/bench_recipes", help="per-run results, the table, the plot and results.json")
     parser.add_argument("--retry-errors", action="store_true", help="rerun runs that failed earlier instead of reporting their error")
+    parser.add_argument("--keep-students", action="store_true", help="save each trained student's state_dict beside its "
+                        "record (runs/<run>.pth), for tools/eval_det.py --ckpt; runs finished earlier are not retrained for it")
     parser.add_argument("--json", action="store_true", help="print results.json on stdout (progress goes to stderr)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     return parser.parse_args(argv)
@@ -164,6 +170,7 @@ class Bench:
     quick_overrides: list[str]  # --quick's data and teacher budget
     user_overrides: list[str]  # --set's: applied last, to every config
     output: Path
+    keep_students: bool = False  # --keep-students: each student's state_dict beside its record
 
     @property
     def quick(self) -> bool:
@@ -205,7 +212,8 @@ def resolve_bench(args: argparse.Namespace) -> Bench:
     parse_overrides(args.set)  # malformed KEY=VALUE: fail now, not in the first run
     iterations = {s: n for s, n in (("short", short), ("long", long)) if s in args.schedules}
     quick = list(QUICK_OVERRIDES) if args.quick else []
-    return Bench(Path(args.config), recipes_dir, recipes, seeds, iterations, batch_size, quick, list(args.set), Path(args.output))
+    return Bench(Path(args.config), recipes_dir, recipes, seeds, iterations, batch_size, quick, list(args.set), Path(args.output),
+                 args.keep_students)  # fmt: skip
 
 
 def teacher_config(bench: Bench) -> ExperimentConfig:
@@ -441,6 +449,11 @@ class Workbench:
                 teachers = []  # self-distillation: the student's own EMA is the teacher
             student, summary = train_student(run.config, self.files, self.num_classes, teachers, work, "student", resume=True, task=DETECTION)
             record.update(self.evaluate(student))
+            if self.bench.keep_students:
+                weights = run.record_path(self.bench.output).with_suffix(".pth")
+                save_checkpoint(weights, student.state_dict())
+                ids = [self.val_set.label_to_category_id[label] for label in range(1, self.num_classes + 1)]
+                write_categories(weights, self.val_set.categories, ids)
             record.update(train_seconds=summary["seconds"], final_losses=summary["final_losses"])
         except TrainingInterrupted:
             raise

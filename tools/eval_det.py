@@ -4,6 +4,7 @@
     python tools/eval_det.py --config FILE --ckpt C.pth --val-ann B.json --val-images DIR [--model teacher]
     python tools/eval_det.py --config FILE --ckpt C.pth --data-format voc --data-root VOCdevkit/VOC2007 \\
         --train-split trainval --val-split test
+    python tools/eval_det.py --ckpt C.pth --per-class    # how each class fails: scores, recall, confusions
 
 The model is built from the experiment config (its student by default), the weights are
 loaded with ``weights_only=True`` (a state_dict or a densekd training checkpoint), and the
@@ -14,6 +15,7 @@ order, or other categories, is refused: its class channels would be scored as th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -23,7 +25,7 @@ import torch
 from densekd.data import CocoDetectionDataset, collate_detection
 from densekd.data.categories import categories_path, check_categories
 from densekd.detection.models import build_detector
-from densekd.evaluation import evaluate, save_results
+from densekd.evaluation import class_report, evaluate, format_class_report, save_results
 from densekd.experiment.config import ConfigError, load_experiment_config
 from densekd.experiment.phases import data_files
 from densekd.training.checkpoints import load_weights
@@ -47,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-bad", action="store_true", help="drop bad images/annotations (reported) instead of stopping")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     parser.add_argument("--output", help="write metrics.json and detections.json here")
+    parser.add_argument("--per-class", action="store_true", help="also print, per class: AP, its mean top score in "
+                        "images with and without it, its detections, recall at IoU 0.5 and the labels its missed boxes got")
     parser.add_argument("--threads", type=int, default=2)
     add_format_arguments(parser)
     return parser.parse_args(argv)
@@ -94,6 +98,11 @@ def run(args: argparse.Namespace) -> int:
     metrics["images_per_second"] = images_per_second
     print(f"{val_ann} ({len(dataset)} images), AP in percent\n")
     print(results_table({Path(args.ckpt).stem: metrics}))
+    if args.per_class:
+        report = class_report(dataset.coco, results)
+        groups = frequencies if frequencies is not None else dataset.lvis_frequencies() if dataset.frequency_groups else None
+        print("\n" + format_class_report(report, metrics["per_class_ap"], groups))
+        metrics["per_class"] = [dataclasses.asdict(diagnosis) for diagnosis in report]
     if args.output:
         output = Path(args.output)
         output.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ semantic segmenters.
 Stands apart from the rest of densekd (imports nothing from it), so it can score any model.
 """
 
+from densekd.evaluation.class_report import ClassDiagnosis, class_report, format_class_report
 from densekd.evaluation.coco_metrics import (
     BACKENDS,
     COCO_METRIC_NAMES,
@@ -36,6 +37,9 @@ from densekd.evaluation.segmentation import (
 )
 
 __all__ = [
+    "ClassDiagnosis",
+    "class_report",
+    "format_class_report",
     "BACKENDS",
     "COCO_COLUMNS",
     "ConfusionMatrix",

@@ -12,7 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from densekd.data.categories import categories_path
+from densekd.detection.models import build_detector
 from densekd.evaluation import format_gain, paired_gain
 from densekd.experiment.phases import DataFiles
 
@@ -182,7 +185,7 @@ def test_quick_benchmark_end_to_end_then_resumes_without_training(tmp_path):
             "student.image_size=64", "teacher_optim.iterations=2", "teacher_optim.warmup_iters=0"]  # fmt: skip
     args = ["--quick", "--threads", "1", "--recipes-dir", str(recipes), "--recipes", "logit_cwd", "roi_kd",
             "--short-iterations", "1", "--long-iterations", "2", "--batch-size", "2", "--output", str(output),
-            *[a for item in tiny for a in ("--set", item)]]  # fmt: skip
+            "--keep-students", *[a for item in tiny for a in ("--set", item)]]  # fmt: skip
     env = {**os.environ, "DENSEKD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     first = _run_tool(args, env)
     assert "[run 12/12]" in first.stdout and "ETA" in first.stdout
@@ -218,6 +221,13 @@ def test_quick_benchmark_end_to_end_then_resumes_without_training(tmp_path):
         assert row.split("|")[8].strip().endswith("*" if gain["significant"] else "(n.s.)")
         assert "| roi_kd " in section and "error: " in section
     assert "teacher (seed 0, shared)" in report["table"] and math.isfinite(report["teacher"]["metrics"]["AP"])
+
+    # --keep-students: every trained student's weights beside its record, a plain torchvision state_dict
+    kept = sorted((output / "runs").glob("*.pth"))
+    assert len(kept) == 2 * 2 * 2  # baseline and logit_cwd, 2 schedules, 2 seeds; error rows train nothing
+    student = build_detector("fcos_resnet18_fpn64", num_classes=12, image_size=64)
+    student.load_state_dict(torch.load(kept[0], weights_only=True), strict=True)
+    assert all(categories_path(path).is_file() for path in kept)
 
     # A second invocation finds every run stored: it trains nothing and reports the same results.
     again = _run_tool([*args, "--json"], env)

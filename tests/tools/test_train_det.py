@@ -50,10 +50,13 @@ def test_quick_demo_runs_end_to_end_and_eval_det_agrees(tmp_path):
 
     quick = [arg for item in ("data.synthetic={num_train: 300, num_val: 48}",) for arg in ("--set", item)]
     stdout = _run([str(REPO / "tools" / "eval_det.py"), "--ckpt", str(output / "student_distilled.pth"), *quick,
-                   "--output", str(tmp_path / "eval")], env)  # fmt: skip
+                   "--output", str(tmp_path / "eval"), "--per-class"], env)  # fmt: skip
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     assert abs(evaluated["AP"] - report["models"]["distilled"]["AP"]) < 1e-9
     assert "student_distilled" in stdout
+    # --per-class: one row per category with its group and AP, also stored in metrics.json
+    assert "| category | group | AP | top score: with / without |" in stdout and "| red_ring | r |" in stdout
+    assert [row["name"] for row in evaluated["per_class"]][:2] == ["red_square", "blue_square"]
 
 
 def test_real_data_flags_and_a_teacher_checkpoint(tmp_path):
