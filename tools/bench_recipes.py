@@ -48,17 +48,19 @@ already covers every recipe. A recipe that fails (e.g. a term its model lacks) b
 
 Budget. Defaults: short 50 / long 300 student iterations at the demo's batch 8, seeds 0 1 2:
 3 seeds x 12 configurations (baseline + 11 recipes) x 2 schedules = 72 student runs. Measured
-(README, 2026-11-29): at 300 iterations the baseline reaches 88 % of the teacher's AP (seeds
-24.5 to 28.4 AP against 29.9), at 50 iterations 11 %: the two regimes the table separates.
-The full benchmark took 1 h 35 min on the idle 2-core development machine as three processes
-side by side, one per seed (``--seeds 0``, ``--seeds 1``, ``--seeds 2``; 1 thread each, one
-shared --output), multi_teacher's second teacher (500 iterations) included; then the plain
-command assembled the table without training. Training seconds per run at those settings:
-baseline 33 / 241 (short / long), the recipes 49-95 / 225-488; evaluation and
-set-up add ~10 s a run. Several processes may share one --output (each run's record is
-written atomically when it ends) if they train different runs: split by --seeds, and let one
-process reach multi_teacher first (or run ``--recipes multi_teacher --seeds 0`` alone) so that
-its second teacher is trained once and cached.
+(README, 2026-12-03): with the demo's 1500-iteration teacher (72.8 AP) the baseline reaches
+35 % of the teacher's AP at 300 iterations and 5 % at 50: both regimes are far from the
+teacher. With the former 500-iteration teacher (29.9 AP, 2026-11-29) they were 88 % and 11 %,
+and the full benchmark took 1 h 35 min on the idle 2-core development machine as three
+processes side by side, one per seed (``--seeds 0``, ``--seeds 1``, ``--seeds 2``; 1 thread
+each, one shared --output), multi_teacher's second teacher included; then the plain command
+assembled the table without training. Training seconds per run at those settings: baseline
+33 / 241 (short / long), the recipes 49-95 / 225-488; evaluation and set-up add ~10 s a run.
+multi_teacher's second teacher now trains the demo's 1500 iterations, as long as the first.
+Several processes may share one --output (each run's record is written atomically when it
+ends) if they train different runs: split by --seeds, and let one process reach multi_teacher
+first (or run ``--recipes multi_teacher --seeds 0`` alone) so that its second teacher is
+trained once and cached.
 """
 from __future__ import annotations
 

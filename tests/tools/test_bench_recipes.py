@@ -113,7 +113,9 @@ def test_resume_skips_stored_runs_and_reruns_what_a_change_invalidates(bench_too
     replanned = tool.plan_runs(other_teacher, files, tool.teacher_config(other_teacher))
     # Only the runs distilled from the trained teacher depend on it (not baseline, not self-distillation).
     assert {r.recipe for r, old in zip(replanned, runs) if r.key != old.key} == {"vanilla_kd"}
-    (recipes / "vanilla_kd.yaml").write_text((recipes / "vanilla_kd.yaml").read_text().replace("temperature: 4.0", "temperature: 3.0"))
+    recipe_text = (recipes / "vanilla_kd.yaml").read_text()
+    assert "temperature: 2.0" in recipe_text
+    (recipes / "vanilla_kd.yaml").write_text(recipe_text.replace("temperature: 2.0", "temperature: 3.0"))
     edited = tool.plan_runs(bench, files, teachers)
     assert {r.recipe for r, old in zip(edited, runs) if r.key != old.key} == {"vanilla_kd"}
 
