@@ -49,7 +49,7 @@ already covers every recipe. A recipe that fails (e.g. a term its model lacks) b
 Budget. Defaults: short 50 / long 300 student iterations at the demo's batch 8, seeds 0 1 2:
 3 seeds x 12 configurations (baseline + 11 recipes) x 2 schedules = 72 student runs. Measured
 (README, 2026-12-03): with the demo's 1500-iteration teacher (72.8 AP) the baseline reaches
-35 % of the teacher's AP at 300 iterations and 5 % at 50: both regimes are far from the
+35 % of the teacher's AP at 300 iterations and 4 % at 50: both regimes are far from the
 teacher. With the former 500-iteration teacher (29.9 AP, 2026-11-29) they were 88 % and 11 %,
 and the full benchmark took 1 h 35 min on the idle 2-core development machine as three
 processes side by side, one per seed (``--seeds 0``, ``--seeds 1``, ``--seeds 2``; 1 thread
