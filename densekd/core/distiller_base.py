@@ -100,7 +100,14 @@ class DistillerBase(nn.Module):
     ):
         """Distill the student into itself: the teacher is an exponential moving average of
         the student (``mode="ema"``, updated before every training forward) or a frozen
-        snapshot taken when the warm-up ends (``mode="snapshot"``)."""
+        snapshot taken when the warm-up ends (``mode="snapshot"``).
+
+        The EMA teacher equals the student until the warm-up ends (nothing is distilled then,
+        and an average that starts at the random initial weights would keep a share of them,
+        0.99^90 = 40 % after 90 steps, when the distillation begins). From then on its decay
+        ramps up to ``ema_decay`` as ``min(ema_decay, (1 + n) / (10 + n))`` after ``n``
+        distilled steps (tf.train.ExponentialMovingAverage's ``num_updates``, as in Mean
+        Teacher, Tarvainen & Valpola 2017), so it averages only the students that followed."""
         if mode not in SELF_DISTILLATION_MODES:
             raise ValueError(f"Self-distillation mode must be one of {SELF_DISTILLATION_MODES}, got {mode!r}.")
         if not 0.0 <= ema_decay < 1.0:
@@ -352,7 +359,9 @@ class DistillerBase(nn.Module):
             if int(self.iteration) == self.warmup_iters:
                 teacher.load_state_dict(self.student.state_dict())
             return
+        distilled_steps = int(self.iteration) - self.warmup_iters  # negative during the warm-up
+        decay = 0.0 if distilled_steps < 0 else min(self.ema_decay, (1 + distilled_steps) / (10 + distilled_steps))
         for teacher_param, student_param in zip(teacher.parameters(), self.student.parameters()):
-            teacher_param.lerp_(student_param.detach(), 1.0 - self.ema_decay)
+            teacher_param.lerp_(student_param.detach(), 1.0 - decay)
         for teacher_buffer, student_buffer in zip(teacher.buffers(), self.student.buffers()):
             teacher_buffer.copy_(student_buffer)

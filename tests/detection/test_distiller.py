@@ -200,24 +200,31 @@ def test_two_copies_of_one_teacher_distil_like_that_teacher():
 
 
 # --- self-distillation ---------------------------------------------------------------------------
-def test_ema_teacher_tracks_the_student_and_warm_up_skips_distillation():
+def test_ema_teacher_copies_the_student_in_the_warm_up_then_averages_with_a_ramped_decay():
     student = build_retinanet()
     distiller = Distiller.self_distillation(student, [Term("binary_kd", "cls_logits")], mode="ema", ema_decay=0.5, warmup_iters=2)
     distiller.train()
     optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.1)
     images, targets = make_batch()
-    for step in range(3):
+    decays = []
+    for step in range(12):
         teacher_before = distiller.teachers[0].head.classification_head.cls_logits.weight.clone()
         student_now = student.head.classification_head.cls_logits.weight.detach().clone()
         losses = distiller(images, targets)
         teacher_after = distiller.teachers[0].head.classification_head.cls_logits.weight
-        assert torch.allclose(teacher_after, 0.5 * teacher_before + 0.5 * student_now)
+        # warm-up: a copy of the student; then min(0.5, (1 + n) / (10 + n)) after n distilled steps
+        decay = 0.0 if step < 2 else min(0.5, (1 + step - 2) / (10 + step - 2))
+        assert torch.allclose(teacher_after, decay * teacher_before + (1 - decay) * student_now, atol=1e-6), step
+        decays.append(decay)
         kd = losses["kd_cls_logits_binary_kd"]
-        assert (kd == 0) if step < 2 else (kd > 0), (step, kd)
+        if step < 2:
+            assert kd == 0, (step, kd)  # no distillation in the warm-up
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
-    assert int(distiller.iteration) == 3
+    assert int(distiller.iteration) == 12
+    assert kd > 0, kd  # the averaged teacher now differs from the student, and is distilled
+    assert decays[:3] == [0.0, 0.0, 0.1] and decays[-1] == 0.5  # the ramp reached ema_decay
 
 
 def test_snapshot_teacher_is_taken_when_the_warm_up_ends():
