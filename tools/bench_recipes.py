@@ -19,8 +19,10 @@ LVIS-style APr/APc/APf, training seconds). It writes, in --output:
                   by side, both schedules
     results.json  every per-seed run, the teacher's metrics, the summary and the table
     runs/         one JSON per finished (schedule, recipe, seed), written atomically as soon
-                  as that run ends; with --keep-students also the student's state_dict beside it
-                  (same name, .pth; for tools/eval_det.py --ckpt, e.g. with --per-class)
+                  as that run ends (a self-distillation run also evaluates its EMA/snapshot
+                  teacher: is it better than the student it teaches?); with --keep-students also
+                  the student's state_dict beside it (same name, .pth; for tools/eval_det.py
+                  --ckpt, e.g. with --per-class)
 
 Significance (densekd.evaluation.gains): runs are paired by seed (a recipe and the baseline
 trained with seed s share initial weights and batch order); the gain is the mean of the
@@ -449,8 +451,17 @@ class Workbench:
             teachers = self.teachers(run.config.extra_teachers)[0] if uses_teachers(run.config) else None
             if run.config.distill is not None and teachers is None:
                 teachers = []  # self-distillation: the student's own EMA is the teacher
-            student, summary = train_student(run.config, self.files, self.num_classes, teachers, work, "student", resume=True, task=DETECTION)
+            self_teachers: list[torch.nn.Module] = []  # self-distillation: the student's EMA/snapshot teacher
+
+            def keep_self_teacher(model: torch.nn.Module) -> None:
+                if getattr(model, "self_distillation_mode", None) is not None:
+                    self_teachers.append(model.teachers[0])
+
+            student, summary = train_student(run.config, self.files, self.num_classes, teachers, work, "student", resume=True,
+                                             task=DETECTION, trained=keep_self_teacher)  # fmt: skip
             record.update(self.evaluate(student))
+            if self_teachers:  # is the teacher it distilled from better than the student it taught?
+                record["self_teacher_metrics"] = self.evaluate(self_teachers[0])["metrics"]
             if self.bench.keep_students:
                 weights = run.record_path(self.bench.output).with_suffix(".pth")
                 save_checkpoint(weights, student.state_dict())
@@ -531,6 +542,9 @@ def summarize(records: Sequence[dict[str, Any]], schedules: Sequence[str], recip
                 "metrics": {m: seed_summary(r["metrics"][m] for r in ok) for m in STORED_METRICS},
                 "train_seconds": seed_summary(r["train_seconds"] for r in ok),
             }
+            taught = [r for r in ok if "self_teacher_metrics" in r]
+            if taught:  # self-distillation: its own teacher's AP at the end beside the student's
+                entry["self_teacher_AP"] = seed_summary(r["self_teacher_metrics"]["AP"] for r in taught)
             if recipe != BASELINE:
                 values = {m: {r["seed"]: r["metrics"][m] for r in ok} for m in STORED_METRICS}
                 entry["gains"] = {m: paired_gain(values[m], {s: b[m] for s, b in baseline.items()}) for m in STORED_METRICS}
@@ -617,6 +631,10 @@ def markdown_table(summary: dict[str, dict[str, dict]], bench: Bench, teacher: O
             if best is not None:
                 gain = entries[best]["gains"]["AP"]
                 lines.append(f"Best recipe: {best}, ΔAP {format_gain(gain)}, closing {format_gap_closed(gain, gap)} of the teacher-student gap.")
+        for recipe, entry in entries.items():
+            if "self_teacher_AP" in entry:
+                lines.append(f"{recipe}: its self-distillation teacher ends at AP {format_mean_std(entry['self_teacher_AP'])}, "
+                             f"the student it taught at {format_mean_std(entry['metrics']['AP'])}.")  # fmt: skip
         lines.append("")
     lines.append(
         "AP in percent (COCO AP@[.50:.95], LVIS-style APr/APc/APf on the val split); mean ± sample std over seeds; "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,11 @@ def build_distiller(
     distillation = parse_distillation_config(config.distill or {"terms": []})
     terms = build_terms(distillation, image_counts, annotation_counts, total_iters=iterations)
     kwargs = distiller_kwargs(distillation, total_iters=iterations)
+    if "logit_resolution" in kwargs and "logit_resolution" not in inspect.signature(distiller_class).parameters:
+        raise ConfigError(
+            f"distill.logit_resolution is a segmentation setting; {distiller_class.__name__} compares the heads' own "
+            "outputs. Remove it from this experiment's distill section."
+        )
     kwargs["label_smoothing"] = config.optim.label_smoothing
     probe = dict(probe_size=config.student.image_size)
     if "mode" in kwargs:
@@ -237,12 +243,14 @@ def train_student(
     world_size: int = 1,
     *,
     task: Task,
+    trained: Optional[Callable[[nn.Module], None]] = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train a student from the seed's initial weights: plainly (``teachers=None``) or distilled
     with the experiment's terms. Baseline and distilled students share initial weights, the
     data pipeline (augmentation, mixing, sampler) and the batches, so the distillation terms
     (and the recipe's label smoothing) are the only difference. Returns the plain torchvision
-    student and the training summary."""
+    student and the training summary; ``trained``, if given, is first called with the trainer
+    or distiller that trained it (e.g. to evaluate a self-distillation teacher)."""
     torch.manual_seed(config.seed + 1000)  # identical initial weights for every student
     student = task.build_model(config.student, num_classes)
     data = task.training_data(config, files, config.optim.iterations, rank, world_size)
@@ -258,6 +266,8 @@ def train_student(
         caches = _teacher_caches(task, model, data.dataset, distillation.teacher_cache_dtype, config.data.batch_size, rank)
         model.use_teacher_cache(caches)
     summary = run_training(_job(config, model, data, config.optim, output, name, task), resume=resume)
+    if trained is not None:
+        trained(model)
     if caches is not None:
         summary["teacher_cache"] = [
             {"folder": str(c.folder), "size_bytes": c.size_bytes, "build_seconds": c.build_seconds, "built_now": c.built}

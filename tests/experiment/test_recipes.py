@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 
+from densekd import Distiller
 from densekd.detection.experiment import DETECTION
 from densekd.detection.models import build_detector
 from densekd.experiment.config import RECIPES_DIR, ConfigError, load_experiment_config
-from densekd.experiment.phases import data_files, train_student
+from densekd.experiment.phases import build_distiller, data_files, train_student
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "configs" / "experiments"
 TINY = [
@@ -43,10 +44,12 @@ def test_every_recipe_builds_and_runs_one_distillation_step(recipe, tiny_files, 
     num_classes = 12
     teachers = [build_detector(s.name, num_classes, 64) for s in [config.teacher, *config.extra_teachers]]
     self_distilled = "self_distillation" in config.distill
-    student, summary = train_student(
-        config, files, num_classes, [] if self_distilled else teachers, tmp_path, "distilled", resume=False, task=DETECTION
-    )
+    trained = []  # the hook sees the distiller that trained the student, its teachers included
+    student, summary = train_student(config, files, num_classes, [] if self_distilled else teachers, tmp_path, "distilled",
+                                     resume=False, task=DETECTION, trained=trained.append)  # fmt: skip
     assert summary["iterations"] == 1
+    assert len(trained) == 1 and trained[0].student is student
+    assert (trained[0].self_distillation_mode is not None) is self_distilled
     assert all(math.isfinite(v) for v in summary["final_losses"].values())
     fresh = build_detector(config.student.name, num_classes, 64)
     fresh.load_state_dict(student.state_dict(), strict=True)
@@ -87,3 +90,11 @@ def test_experiment_configs_and_overrides_validate(tmp_path):
 
     with pytest.raises(ConfigError, match="cannot name another recipe"):
         parse_experiment_config({"recipe": "nested"}, recipes_dir=bad)
+
+
+def test_a_segmentation_only_setting_in_a_detection_experiment_is_refused_by_name(tiny_files, monkeypatch):
+    monkeypatch.setenv("DENSEKD_CACHE", str(tiny_files[1]))
+    config = load_experiment_config(EXPERIMENTS / "demo.yaml", TINY + ["distill.logit_resolution=input"])
+    teacher, student = (build_detector(s.name, 12, 64) for s in (config.teacher, config.student))
+    with pytest.raises(ConfigError, match=r"distill.logit_resolution is a segmentation setting; Distiller .* Remove it"):
+        build_distiller(Distiller, student, [teacher], config, [10] * 12, [10] * 12)

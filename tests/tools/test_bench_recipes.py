@@ -136,6 +136,8 @@ def test_summary_table_marks_gains_errors_and_recipes_that_do_not_help(bench_too
             records.append(_fake_record(run, base[seed]))
             for recipe, per_seed in values.items():
                 records.append(_fake_record(tool.Run(schedule, recipe, seed, 1, key="k"), per_seed[seed]))
+            if schedule == "long":  # as if long_tail were self-distilled: its teacher's AP is reported
+                records[-1]["self_teacher_metrics"] = {"AP": per_seed[seed] - 0.01}
             records.append(_fake_record(tool.Run(schedule, "curriculum", seed, 1, key="k"), None, error="ValueError: no | way"))
     summary = tool.summarize(records, ["short", "long"], bench.recipes)
     assert summary["short"]["vanilla_kd"]["verdict"] == "helps" and summary["short"]["long_tail"]["verdict"] == "no significant AP gain"
@@ -150,6 +152,8 @@ def test_summary_table_marks_gains_errors_and_recipes_that_do_not_help(bench_too
     assert rows["curriculum"][-1] == "error: ValueError: no \\| way"  # the message, escaped for markdown
     assert rows["vanilla_kd"][9] == "+20 %" and rows["baseline"][9] == "0 %"  # 3.0 of the 40.0 - 25.0 gap
     assert "Best recipe: vanilla_kd, ΔAP +3.0 ± 0.1 *, closing +20 % of the teacher-student gap." in table
+    assert "long_tail: its self-distillation teacher ends at AP 24.7 ± 5.7, the student it taught at 25.7 ± 5.7." in table
+    assert table.count("self-distillation teacher") == 1  # the long schedule's only
     document = json.loads(json.dumps(tool.jsonable(tool.summary_document(summary))))
     assert document["long"]["vanilla_kd"]["gains"]["APr"]["significant"] is True
     assert document["long"]["curriculum"]["gains"]["AP"]["n"] == 0
