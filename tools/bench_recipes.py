@@ -628,7 +628,9 @@ def markdown_table(summary: dict[str, dict[str, dict]], bench: Bench, teacher: O
         if gap is not None:
             lines.append(f"\nbaseline AP {100 * base.mean:.1f} = {100 * base.mean / teacher_ap:.0f} % of the teacher's {100 * teacher_ap:.1f}.")
             best = best_recipe(entries)
-            if best is not None:
+            if gap <= 0:
+                lines.append("The baseline is at or above the teacher's AP: there is no teacher-student gap to close.")
+            elif best is not None:
                 gain = entries[best]["gains"]["AP"]
                 lines.append(f"Best recipe: {best}, ΔAP {format_gain(gain)}, closing {format_gap_closed(gain, gap)} of the teacher-student gap.")
         for recipe, entry in entries.items():

@@ -154,6 +154,9 @@ def test_summary_table_marks_gains_errors_and_recipes_that_do_not_help(bench_too
     assert "Best recipe: vanilla_kd, ΔAP +3.0 ± 0.1 *, closing +20 % of the teacher-student gap." in table
     assert "long_tail: its self-distillation teacher ends at AP 24.7 ± 5.7, the student it taught at 25.7 ± 5.7." in table
     assert table.count("self-distillation teacher") == 1  # the long schedule's only
+    weak = {"seed": 0, "metrics": {m: 0.2 for m in tool.STORED_METRICS}}  # below the baseline's 25.0
+    no_gap = tool.markdown_table(summary, bench, weak)
+    assert "no teacher-student gap to close" in no_gap and "Best recipe" not in no_gap
     document = json.loads(json.dumps(tool.jsonable(tool.summary_document(summary))))
     assert document["long"]["vanilla_kd"]["gains"]["APr"]["significant"] is True
     assert document["long"]["curriculum"]["gains"]["AP"]["n"] == 0
